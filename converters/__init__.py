@@ -1,0 +1,1 @@
+"""Framework-to-ONNX export helpers (installed as ``rectonnx.converters``)."""

@@ -1,0 +1,1 @@
+"""Shipped models, sample images and the scripts that made them (installed as ``rectonnx.models``)."""

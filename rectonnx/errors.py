@@ -1,0 +1,26 @@
+"""The errors rectonnx raises: each says what is wrong, where, and what the user can do."""
+
+from __future__ import annotations
+
+
+class RectonnxError(Exception):
+    """Base class of every error rectonnx raises on purpose."""
+
+
+class InvalidModelError(RectonnxError, ValueError):
+    """The file or object given is not a usable ONNX classifier (unreadable, corrupt, wrong shape)."""
+
+
+class UnsupportedModelError(RectonnxError, ValueError):
+    """Ops on the path from the input to the logits have no backward rule.
+
+    ``unsupported`` holds ``(op_type, node_name)`` for every such node, so one message names them all.
+    """
+
+    def __init__(self, message: str, unsupported: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.unsupported = list(unsupported or [])
+
+
+class InputError(RectonnxError, ValueError):
+    """A batch or target given to an explainer does not fit the model (shape, dtype, class range)."""

@@ -1,0 +1,429 @@
+"""Put any ONNX classifier into the canonical form the backward rules assume.
+
+Steps, in order (each a small function):
+
+1. load: a path, bytes or ``ModelProto``; a clear ``InvalidModelError`` for anything else;
+2. weights listed as graph inputs (IR 3) become plain initializers; ``Constant`` nodes too;
+3. opset conversion of the ``ai.onnx`` domain to ``TARGET_OPSET`` (17) with onnx's converter;
+4. constant folding: every node whose inputs are all constant is evaluated once
+   (``onnx.reference``), so weights made by ``ConstantOfShape`` & co. become initializers;
+5. ``Identity`` and inference-mode ``Dropout`` removed;
+6. ``BatchNormalization`` with constant statistics folded into the preceding ``Conv``
+   (``W' = W s``, ``B' = (B - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``) when that
+   Conv feeds only it, otherwise rewritten as ``x * s + (beta - mean s)``;
+7. trailing ``Softmax``/``LogSoftmax`` stripped, so the logits are the scores before it, and an
+   ``[N, C, 1, 1]`` score map flattened to ``[N, C]``;
+8. shape inference, then the set of "active" tensors: floating-point tensors that depend on the
+   data input and lead to the logits. Only nodes producing active tensors need backward rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from .errors import InvalidModelError
+
+TARGET_OPSET = 17
+OUTPUT_IR_VERSION = 8  # the IR version that goes with opset 17; onnxruntime 1.17+ accepts it
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                        "Multinomial", "Bernoulli"}
+SCORE_NORMALISERS = {"Softmax", "LogSoftmax"}
+
+Dim = int | str | None
+
+
+@dataclass
+class NormalizedModel:
+    """A canonical classifier graph and what the backward pass needs to know about it."""
+
+    model: onnx.ModelProto
+    input_name: str
+    logits_name: str
+    shapes: dict[str, tuple[Dim, ...] | None]
+    elem_types: dict[str, int]
+    constants: dict[str, np.ndarray]
+    active: set[str] = field(default_factory=set)
+    path_nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. loading
+def load_model(model) -> onnx.ModelProto:
+    """A copy of ``model`` as a ``ModelProto``; a path, bytes or proto is accepted."""
+    if isinstance(model, onnx.ModelProto):
+        return copy.deepcopy(model)
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            return onnx.load_from_string(bytes(model))
+        except Exception as exc:  # protobuf raises several types
+            raise InvalidModelError(f"the bytes given are not an ONNX model ({exc})") from None
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise InvalidModelError(f"{path}: no such model file")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:
+            raise InvalidModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                                    f"{exc}); is the file complete?") from None
+        if not proto.graph.node:
+            raise InvalidModelError(f"{path}: not an ONNX model (the file parsed to an empty graph)")
+        return proto
+    raise InvalidModelError(f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+
+
+def ai_onnx_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise InvalidModelError("the model imports no ai.onnx opset")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. initializers and constants
+def drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """IR 3 lists every weight as a graph input; weights are initializers, not inputs."""
+    init_names = {t.name for t in model.graph.initializer}
+    data_inputs = [i for i in model.graph.input if i.name not in init_names]
+    del model.graph.input[:]
+    model.graph.input.extend(data_inputs)
+    if model.ir_version < 4:
+        model.ir_version = 4
+
+
+def constant_nodes_to_initializers(graph: onnx.GraphProto) -> None:
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = _constant_node_value(node)
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(_single_node_model(node)).run(None, {})[0]
+
+
+def _single_node_model(node: onnx.NodeProto) -> onnx.ModelProto:
+    out = helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)
+    graph = helper.make_graph([node], "constant", [], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET)],
+                             ir_version=OUTPUT_IR_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. opset
+def convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    version = ai_onnx_opset(model)
+    if version == TARGET_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"could not convert the model from opset {version} to opset {TARGET_OPSET} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"re-export it with opset {TARGET_OPSET}") from None
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. constant folding
+def fold_constants(model: onnx.ModelProto) -> None:
+    """Evaluate, once, every node whose inputs are all constant and replace it by initializers."""
+    graph = model.graph
+    constant = {t.name for t in graph.initializer}
+    foldable: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if (node.op_type not in NONDETERMINISTIC_OPS and node.domain in ("", "ai.onnx")
+                and all(i == "" or i in constant for i in node.input) and len(node.input) > 0
+                and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)):
+            foldable.append(node)
+            constant.update(o for o in node.output if o)
+    if not foldable:
+        return
+    folded_outputs = {o for n in foldable for o in n.output if o}
+    consumed = {i for n in graph.node if n not in foldable for i in n.input}
+    consumed |= {o.name for o in graph.output}
+    wanted = sorted(folded_outputs & consumed)
+    from onnx.reference import ReferenceEvaluator
+
+    sub = helper.make_graph(
+        foldable, "fold", [],
+        [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in wanted],
+        initializer=list(graph.initializer))
+    submodel = helper.make_model(sub, opset_imports=list(model.opset_import),
+                                 ir_version=OUTPUT_IR_VERSION)
+    try:
+        values = ReferenceEvaluator(submodel).run(None, {})
+    except Exception as exc:
+        raise InvalidModelError(f"could not fold the model's constant subgraphs "
+                                f"({type(exc).__name__}: {exc})") from None
+    remaining = [n for n in graph.node if n not in foldable]
+    del graph.node[:]
+    graph.node.extend(remaining)
+    for name, value in zip(wanted, values):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. identities
+def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename tensor ``old`` to ``new`` everywhere in ``graph`` (nodes, outputs, value_info)."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+    for collection in (graph.input, graph.output, graph.value_info):
+        for info in collection:
+            if info.name == old:
+                info.name = new
+    for init in graph.initializer:
+        if init.name == old:
+            init.name = new
+
+
+def remove_identities(graph: onnx.GraphProto) -> None:
+    """Drop Identity and Dropout (inference mode: output 0 is the input)."""
+    output_names = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type not in ("Identity", "Dropout") or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            if any(node.output[1] in n.input for n in graph.node):
+                continue  # its mask is used: keep the node (it then has no rule and is reported)
+        source, result = node.input[0], node.output[0]
+        graph.node.remove(node)
+        if result in output_names:
+            # keep the output's name: rename the producer's tensor instead
+            rename_tensor(graph, source, result)
+        else:
+            for other in graph.node:
+                for i, name in enumerate(other.input):
+                    if name == result:
+                        other.input[i] = source
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. batch normalisation
+def fold_batch_norms(graph: onnx.GraphProto) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in list(graph.node):
+        if node.op_type != "BatchNormalization" or not all(i in inits for i in node.input[1:5]):
+            continue
+        if len(node.output) > 1 and any(node.output[1:]):
+            continue  # training-mode outputs: leave it (no rule, reported later)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64)
+                                  for i in node.input[1:5])
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+        x = node.input[0]
+        conv = producers.get(x)
+        if (conv is not None and conv.op_type == "Conv" and len(consumers[x]) == 1
+                and conv.input[1] in inits and (len(conv.input) < 3 or conv.input[2] in inits)
+                and x not in {o.name for o in graph.output}):
+            _fold_into_conv(graph, conv, node, scale, shift, inits)
+        else:
+            _batch_norm_as_affine(graph, node, scale, shift)
+
+
+def _fold_into_conv(graph, conv, bn, scale, shift, inits) -> None:
+    weight = numpy_helper.to_array(inits[conv.input[1]])
+    bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2] else np.zeros(weight.shape[0]))
+    new_w = (weight * scale.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+    new_b = (bias * scale + shift).astype(weight.dtype)
+    w_name, b_name = f"{conv.name or conv.output[0]}/W_bn", f"{conv.name or conv.output[0]}/B_bn"
+    graph.initializer.extend([numpy_helper.from_array(new_w, w_name),
+                              numpy_helper.from_array(new_b, b_name)])
+    del conv.input[1:]
+    conv.input.extend([w_name, b_name])
+    conv.output[0] = bn.output[0]
+    graph.node.remove(bn)
+
+
+def _batch_norm_as_affine(graph, bn, scale, shift) -> None:
+    rank = _rank_of(graph, bn.input[0]) or 4
+    shape = (-1,) + (1,) * (rank - 2)
+    base = bn.name or bn.output[0]
+    s_name, b_name, mid = f"{base}/scale", f"{base}/shift", f"{base}/scaled"
+    graph.initializer.extend([
+        numpy_helper.from_array(scale.reshape(shape).astype(np.float32), s_name),
+        numpy_helper.from_array(shift.reshape(shape).astype(np.float32), b_name)])
+    index = list(graph.node).index(bn)
+    graph.node.remove(bn)
+    graph.node.insert(index, helper.make_node("Add", [mid, b_name], [bn.output[0]],
+                                              name=f"{base}/add"))
+    graph.node.insert(index, helper.make_node("Mul", [bn.input[0], s_name], [mid],
+                                              name=f"{base}/mul"))
+
+
+def _rank_of(graph: onnx.GraphProto, name: str) -> int | None:
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    table: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            table.setdefault(name, []).append(node)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. logits
+def choose_output(graph: onnx.GraphProto, output_name: str | None) -> str:
+    names = [o.name for o in graph.output]
+    if output_name is not None:
+        if output_name not in names:
+            raise InvalidModelError(f"the model has no output {output_name!r}; outputs: {names}")
+        return output_name
+    if len(names) != 1:
+        raise InvalidModelError(f"the model has {len(names)} outputs {names}: say which one holds "
+                                "the class scores (output_name=...)")
+    return names[0]
+
+
+def strip_score_normalisers(graph: onnx.GraphProto, output: str) -> str:
+    """Walk back over trailing Softmax/LogSoftmax/Flatten-of-softmax; return the logits tensor."""
+    producers = {o: n for n in graph.node for o in n.output}
+    name = output
+    while name in producers and producers[name].op_type in SCORE_NORMALISERS:
+        name = producers[name].input[0]
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. shapes and the active path
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise InvalidModelError(f"shape inference failed on the model ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0]})") from None
+
+
+def shape_table(model: onnx.ModelProto) -> tuple[dict[str, tuple | None], dict[str, int]]:
+    shapes: dict[str, tuple | None] = {}
+    types: dict[str, int] = {}
+    graph = model.graph
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor_type = info.type.tensor_type
+        types[info.name] = tensor_type.elem_type
+        if not tensor_type.HasField("shape"):
+            shapes[info.name] = None
+            continue
+        shapes[info.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    return shapes, types
+
+
+def active_path(graph: onnx.GraphProto, input_name: str, logits_name: str,
+                types: dict[str, int]) -> tuple[set[str], list[onnx.NodeProto]]:
+    """Float tensors that depend on the input and lead to the logits, and their producers."""
+    depends = {input_name}
+    for node in graph.node:  # graph.node is topologically sorted (checked by onnx.checker)
+        if any(i in depends for i in node.input):
+            depends.update(o for o in node.output
+                           if o and types.get(o, TensorProto.FLOAT) in FLOAT_TYPES)
+    needed = {logits_name}
+    path: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed and o in depends for o in node.output):
+            path.append(node)
+            needed.update(node.input)
+    active = depends & needed
+    path.reverse()
+    return active, path
+
+
+# ---------------------------------------------------------------------------------------------
+def normalize(model, *, input_name: str | None = None,
+              output_name: str | None = None) -> NormalizedModel:
+    """Load ``model`` and return it in canonical form with the tables the rules need."""
+    proto = load_model(model)
+    if not proto.graph.output:
+        raise InvalidModelError("the model has no outputs")
+    drop_initializer_inputs(proto)
+    constant_nodes_to_initializers(proto.graph)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise InvalidModelError(f"the model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    proto = convert_opset(proto)
+    proto.ir_version = OUTPUT_IR_VERSION
+    constant_nodes_to_initializers(proto.graph)
+    fold_constants(proto)
+    remove_identities(proto.graph)
+    proto = infer_shapes(proto)
+    fold_batch_norms(proto.graph)
+    output = choose_output(proto.graph, output_name)
+    logits = strip_score_normalisers(proto.graph, output)
+
+    init_names = {t.name for t in proto.graph.initializer}
+    data_inputs = [i.name for i in proto.graph.input if i.name not in init_names]
+    if input_name is None:
+        if len(data_inputs) != 1:
+            raise InvalidModelError(f"the model has {len(data_inputs)} data inputs {data_inputs}: "
+                                    "say which one is the image (input_name=...)")
+        input_name = data_inputs[0]
+    elif input_name not in data_inputs:
+        raise InvalidModelError(f"the model has no input {input_name!r}; inputs: {data_inputs}")
+
+    proto = infer_shapes(proto)
+    shapes, types = shape_table(proto)
+    if types.get(input_name) != TensorProto.FLOAT:
+        raise InvalidModelError(
+            f"input {input_name!r} has element type "
+            f"{TensorProto.DataType.Name(types.get(input_name, 0))}; rectonnx explains float32 "
+            "inputs (export the model with a float input and do the uint8 scaling in front)")
+    logits_shape = shapes.get(logits)
+    if logits_shape is not None and len(logits_shape) == 4 and tuple(logits_shape[2:]) == (1, 1):
+        flat = logits + "/flat"
+        proto.graph.node.append(helper.make_node("Flatten", [logits], [flat], axis=1,
+                                                 name=f"{logits}/flatten"))
+        logits = flat
+        proto = infer_shapes(proto)
+        shapes, types = shape_table(proto)
+    logits_shape = shapes.get(logits)
+    if logits_shape is not None and len(logits_shape) != 2:
+        raise InvalidModelError(f"the class scores {logits!r} have shape {list(logits_shape)}; "
+                                "expected [N, C] (or [N, C, 1, 1])")
+
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    active, path = active_path(proto.graph, input_name, logits, types)
+    if input_name not in active:
+        raise InvalidModelError(f"the scores {logits!r} do not depend on input {input_name!r}")
+    return NormalizedModel(proto, input_name, logits, shapes, types, constants, active, path)

@@ -1,0 +1,146 @@
+"""``rewrite``: a classifier in, one explainer graph out (SPEC.md section 1).
+
+The emitted graph takes the model's data input and ``target`` (int64 ``[N]``, negative = the
+predicted class) and returns ``logits`` (``[N, C]``, before any Softmax) and ``attribution``
+(the input's shape). The backward pass is seeded with ``one_hot(target)`` on the logits, so it
+computes ``dS/dx`` of the target score ``S``, modified at activations by the method.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from .builder import GraphBuilder
+from .errors import InvalidModelError
+from .methods import get_method
+from .normalize import OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, normalize, rename_tensor
+from .rules import RuleContext
+from .walker import backpropagate, check_supported, node_names_filled
+
+LOGITS, ATTRIBUTION, TARGET = "logits", "attribution", "target"
+
+
+def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | None = None,
+            padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
+            output_name: str | None = None) -> onnx.ModelProto:
+    """Return the explainer graph of ``model`` for ``method``.
+
+    Args:
+        model: path, bytes or ``onnx.ModelProto`` of a classifier (opset 9+).
+        method: one of saliency, grad_input, deconvnet, guided_backprop, rectgrad.
+        q: RectGrad's per-layer percentile (used when ``tau`` is None).
+        tau: RectGrad's constant threshold (overrides ``q``).
+        padding_trick: zero the gradient where a convolution's receptive field covers padding.
+        prr: max-pool backward by the proportional redistribution rule.
+        input_name, output_name: which input is the image and which output holds the scores,
+            for models with several.
+    """
+    chosen = get_method(method, q=q, tau=tau)
+    norm = normalize(model, input_name=input_name, output_name=output_name)
+    node_names_filled(norm.graph)
+    check_supported(norm)
+    _reserve_contract_names(norm)
+
+    graph = norm.graph
+    taken = {name for n in graph.node for name in list(n.input) + list(n.output)}
+    taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    taken |= {LOGITS, ATTRIBUTION, TARGET}
+    g = GraphBuilder(taken)
+    ctx = RuleContext(g, norm.shapes, norm.constants, norm.active, chosen,
+                      padding_trick=padding_trick, prr=prr, opset=TARGET_OPSET)
+    g.scope("seed")
+    seed = one_hot_seed(g, norm, LOGITS, TARGET)
+    grad_input = backpropagate(norm, ctx, seed)
+    g.scope("attribution")
+    g.Identity(chosen.finish(g, norm.input_name, grad_input), outputs=[ATTRIBUTION])
+    return assemble(norm, g, chosen.name)
+
+
+def _reserve_contract_names(norm: NormalizedModel) -> None:
+    """Make ``logits`` the scores tensor and free the names ``target`` and ``attribution``."""
+    graph = norm.graph
+    for name in (TARGET, ATTRIBUTION, LOGITS):
+        if name != norm.logits_name and _tensor_exists(graph, name):
+            _rename_everywhere(norm, name, f"model/{name}")
+    if norm.logits_name != LOGITS:
+        _rename_everywhere(norm, norm.logits_name, LOGITS)
+
+
+def _tensor_exists(graph: onnx.GraphProto, name: str) -> bool:
+    return any(name in n.output or name in n.input for n in graph.node) or \
+        any(t.name == name for t in graph.initializer)
+
+
+def _rename_everywhere(norm: NormalizedModel, old: str, new: str) -> None:
+    rename_tensor(norm.graph, old, new)
+    for table in (norm.shapes, norm.elem_types, norm.constants):
+        if old in table:
+            table[new] = table.pop(old)
+    if old in norm.active:
+        norm.active.discard(old)
+        norm.active.add(new)
+    if norm.logits_name == old:
+        norm.logits_name = new
+    if norm.input_name == old:
+        norm.input_name = new
+
+
+def one_hot_seed(g: GraphBuilder, norm: NormalizedModel, logits: str, target: str) -> str:
+    """``one_hot(where(target < 0, argmax(logits), target))`` as float ``[N, C]``."""
+    predicted = g.ArgMax(logits, axis=1, keepdims=0, hint="predicted")
+    chosen = g.Where(g.Less(target, g.const(0, "zero", dtype="int64")), predicted, target,
+                     hint="class")
+    num_classes = (norm.shapes.get(logits) or (None, None))[1]
+    if isinstance(num_classes, int):
+        classes = g.const(list(range(num_classes)), "classes", dtype="int64")
+        classes = g.Unsqueeze(classes, g.ints([0], "axes"), hint="classes")
+    else:
+        count = g.Gather(g.Shape(logits), g.ints([1], "axis"), axis=0, hint="num_classes")
+        classes = g.Range(g.const(0, "zero", dtype="int64"),
+                          g.Squeeze(count, g.ints([0], "axes")),
+                          g.const(1, "one", dtype="int64"), hint="classes")
+        classes = g.Unsqueeze(classes, g.ints([0], "axes"), hint="classes")
+    hot = g.Equal(g.Unsqueeze(chosen, g.ints([1], "axes")), classes, hint="one_hot")
+    return g.Cast(hot, to=TensorProto.FLOAT, hint="one_hot")
+
+
+def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str) -> onnx.ModelProto:
+    graph = norm.graph
+    data_input = next(i for i in graph.input if i.name == norm.input_name)
+    batch = data_input.type.tensor_type.shape.dim[0] if \
+        data_input.type.tensor_type.shape.dim else None
+    batch_dim = (batch.dim_param or batch.dim_value or "N") if batch is not None else "N"
+    target_info = helper.make_tensor_value_info(TARGET, TensorProto.INT64, [batch_dim])
+    logits_shape = norm.shapes.get(LOGITS)
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, logits_shape),
+               helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT,
+                                             norm.shapes.get(norm.input_name))]
+    nodes = prune([*graph.node, *g.nodes], {LOGITS, ATTRIBUTION})
+    used = {name for n in nodes for name in n.input}
+    initializers = [t for t in [*graph.initializer, *g.initializers] if t.name in used]
+    explainer = helper.make_graph(nodes, f"{graph.name or 'model'}_{method_name}",
+                                  [data_input, target_info], outputs, initializers)
+    model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", TARGET_OPSET)],
+                              ir_version=OUTPUT_IR_VERSION, producer_name="rectonnx")
+    for key, value in (("rectonnx.method", method_name),):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # a bug in a rule, never the user's fault
+        raise InvalidModelError(f"rectonnx built an invalid explainer graph (please report): "
+                                f"{str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def prune(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Keep the nodes that the outputs need, in their original (topological) order."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    return kept

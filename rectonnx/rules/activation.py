@@ -1,0 +1,54 @@
+"""Backward rules of the activations: the exact product ``f'(z) * dY``, then the method's gate.
+
+* Relu:       ``f'(z) = I(z > 0)``
+* LeakyRelu:  ``f'(z) = 1 if z > 0 else alpha``
+* Clip:       ``f'(z) = I(min < z < max)`` (ReLU6 is Clip(0, 6); strict, as PyTorch's ReLU6)
+
+The method (``saliency``, ``guided_backprop``, ``rectgrad`` ...) then decides the gradient that
+flows to ``z`` from ``Activation(z, y, dY, exact, is_relu)``.
+"""
+
+from __future__ import annotations
+
+from .base import Activation, RuleContext, rule
+
+
+def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool) -> str:
+    act = Activation(z=node.input[0], y=node.output[0], upstream=dy, exact=exact, is_relu=is_relu)
+    return ctx.method.activation(ctx, act)
+
+
+@rule("Relu")
+def relu_backward(ctx: RuleContext, node, grads):
+    (dy,) = grads
+    g = ctx.g
+    z = node.input[0]
+    exact = g.Where(g.Greater(z, g.scalar(0.0)), dy, g.scalar(0.0), hint="relu_grad")
+    return [_gated(ctx, node, dy, exact, is_relu=True)]
+
+
+@rule("LeakyRelu")
+def leaky_relu_backward(ctx: RuleContext, node, grads, *, alpha):
+    (dy,) = grads
+    g = ctx.g
+    z = node.input[0]
+    exact = g.Where(g.Greater(z, g.scalar(0.0)), dy, g.Mul(dy, g.scalar(alpha)),
+                    hint="leaky_relu_grad")
+    return [_gated(ctx, node, dy, exact, is_relu=False)]
+
+
+@rule("Clip")
+def clip_backward(ctx: RuleContext, node, grads):
+    (dy,) = grads
+    g = ctx.g
+    z = node.input[0]
+    low = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    high = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    inside = None
+    if low is not None:
+        inside = g.Greater(z, low)
+    if high is not None:
+        below = g.Less(z, high)
+        inside = below if inside is None else g.And(inside, below)
+    exact = dy if inside is None else g.Where(inside, dy, g.scalar(0.0), hint="clip_grad")
+    return [_gated(ctx, node, dy, exact, is_relu=False)] + [None] * (len(node.input) - 1)

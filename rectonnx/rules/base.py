@@ -1,0 +1,130 @@
+"""Registry, rule context and the helpers every rule shares (unbroadcasting, static shapes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..builder import GraphBuilder
+from ..errors import UnsupportedModelError
+from ..geometry import unbroadcast_axes
+
+if TYPE_CHECKING:
+    from ..methods import Method
+
+Rule = Callable[..., list]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str):
+    """Register the decorated function as the backward rule of ``op_types``."""
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            RULES[op_type] = function
+        return function
+    return register
+
+
+def node_attributes(node: onnx.NodeProto, opset: int) -> dict:
+    """All attributes of the op's schema: the node's value, else the default (None if none)."""
+    schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    values = {}
+    for name, spec in schema.attributes.items():
+        default = spec.default_value
+        values[name] = (helper.get_attribute_value(default)
+                        if default.type != onnx.AttributeProto.UNDEFINED else None)
+    for attribute in node.attribute:
+        values[attribute.name] = helper.get_attribute_value(attribute)
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What a method needs at an activation ``y = f(z)`` with upstream gradient ``upstream``.
+
+    ``exact`` is the true vector-Jacobian product ``f'(z) * upstream``; ``is_relu`` marks a
+    plain ReLU, where RectGrad uses the paper's rule without the ``f'(z)`` factor.
+    """
+
+    z: str
+    y: str
+    upstream: str
+    exact: str
+    is_relu: bool
+
+
+class RuleContext:
+    """Everything a rule may read: static shapes, constants, options; and the builder to emit."""
+
+    def __init__(self, builder: GraphBuilder, shapes: dict, constants: dict[str, np.ndarray],
+                 active: set[str], method: "Method", *, padding_trick: bool, prr: bool,
+                 opset: int):
+        self.g = builder
+        self.shapes = shapes
+        self.constants = constants
+        self.active = active
+        self.method = method
+        self.padding_trick = padding_trick
+        self.prr = prr
+        self.opset = opset
+
+    # -- facts about forward tensors -------------------------------------------------------------
+    def shape(self, name: str) -> tuple | None:
+        return self.shapes.get(name)
+
+    def static_shape(self, name: str, node: onnx.NodeProto, dims: slice = slice(None)) -> list[int]:
+        """The dims of ``name`` (a slice of them) as ints, or a clear error naming the node."""
+        shape = self.shapes.get(name)
+        picked = None if shape is None else list(shape[dims])
+        if picked is None or not all(isinstance(d, int) for d in picked):
+            raise UnsupportedModelError(
+                f"{node.op_type} node {node.name!r}: the backward needs static sizes of "
+                f"{name!r} (got {list(shape) if shape else 'unknown'}); export the model with a "
+                "fixed image size", [(node.op_type, node.name)])
+        return picked
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return self.constants.get(name) if name else None
+
+    def is_active(self, name: str) -> bool:
+        return name in self.active
+
+    # -- shared emitting helpers ------------------------------------------------------------
+    def unbroadcast(self, grad: str, operand: str, result: str) -> str:
+        """``grad`` (shaped like ``result``) summed down to ``operand``'s shape."""
+        in_shape, out_shape = self.shape(operand), self.shape(result)
+        if in_shape is not None and out_shape is not None and tuple(in_shape) == tuple(out_shape) \
+                and all(d is not None for d in in_shape):
+            return grad
+        axes = None if in_shape is None or out_shape is None else unbroadcast_axes(in_shape,
+                                                                                    out_shape)
+        if axes is None:
+            raise UnsupportedModelError(
+                f"cannot tell how {operand!r} {in_shape} broadcasts to {result!r} {out_shape}",
+                [])
+        g = self.g
+        summed = g.ReduceSum(grad, g.ints(axes, "axes"), keepdims=1, hint="unbroadcast") \
+            if axes else grad
+        return g.reshape_like(summed, operand, hint="unbroadcast")
+
+    def ensure_output(self, node: onnx.NodeProto, index: int, hint: str) -> str:
+        """The name of the forward node's output ``index``, adding the output if it is unused."""
+        while len(node.output) <= index:
+            node.output.append("")
+        if not node.output[index]:
+            node.output[index] = self.g.fresh(hint)
+        return node.output[index]
+
+
+def unsupported_input(node: onnx.NodeProto, input_index: int, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{node.op_type} node {node.name!r}: input {input_index} ({node.input[input_index]!r}) "
+        f"{why}", [(node.op_type, node.name)])
+
+
+def none_for(rest: Sequence) -> list:
+    return [None] * len(rest)

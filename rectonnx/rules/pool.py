@@ -1,0 +1,116 @@
+"""Backward rules of pooling.
+
+* MaxPool, exact: the forward node also emits its Indices (flat positions in the input) and
+  ``dX = ScatterElements(zeros, Indices, dY, reduction="add")``, so overlapping windows add up.
+* MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``):
+  ``z = AveragePool(X) + 1e-10``, ``c = AveragePool^T(dY / z)``, ``dX = X c`` — the gradient is
+  spread over each window in proportion to the activations.
+* AveragePool: ``Y[o] = sum_{i in window(o), i real} X[i] / div[o]``, so
+  ``dX = ConvTranspose_ones(dY / div)``. ``1 / div[o]`` is computed as
+  ``AveragePool(ones)[o] / real[o]`` with ``real[o]`` the number of real (non-padding) positions
+  in the window, so the rule agrees with whatever divisor convention the runtime uses for
+  count_include_pad and ceil mode.
+* GlobalAveragePool: ``dX = Expand(dY / (H W), Shape(X))``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..geometry import conv_transpose_geometry, explicit_pads, valid_counts
+from .base import RuleContext, rule, unsupported_input
+
+PRR_EPSILON = 1e-10
+
+
+def average_pool_transpose(ctx: RuleContext, node, dy: str, x: str, *, kernel, strides, pads,
+                           ceil_mode: int, count_include_pad: int) -> str:
+    """The exact backward of AveragePool(kernel, strides, pads, ...) applied to ``dy``."""
+    g = ctx.g
+    in_sizes = ctx.static_shape(x, node, slice(2, None))
+    out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
+    rank = len(in_sizes)
+    ones = g.const(np.ones([1, 1] + in_sizes, np.float32), "ones")
+    per_window = g.AveragePool(ones, kernel_shape=kernel, strides=strides, pads=pads,
+                               ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                               hint="inverse_divisor")
+    real = valid_counts(in_sizes, out_sizes, kernel, strides, pads)
+    weight = g.Div(per_window, g.const(np.maximum(real, 1.0), "real_counts"), hint="weight")
+    scaled = g.Mul(dy, weight, hint="scaled")
+    per_channel = g.Reshape(scaled, g.ints([-1, 1] + out_sizes, "shape"), hint="per_channel")
+    geometry = conv_transpose_geometry(in_sizes, out_sizes, kernel, strides, [1] * rank, pads)
+    spread = g.ConvTranspose(per_channel, g.const(np.ones([1, 1] + list(kernel), np.float32),
+                                                  "ones_kernel"),
+                             strides=strides, pads=geometry.pads, kernel_shape=kernel,
+                             output_padding=geometry.output_padding, hint="spread")
+    if geometry.needs_extra:
+        spread = g.Pad(spread, g.ints([0] * (rank + 2) + [0, 0] + geometry.extra_end, "pads"),
+                       hint="spread")
+    return g.reshape_like(spread, x, hint="dx")
+
+
+def _window(ctx, node, x, kernel_shape, strides, pads, auto_pad, dilations=None):
+    in_sizes = ctx.static_shape(x, node, slice(2, None))
+    rank = len(in_sizes)
+    strides = list(strides or [1] * rank)
+    dilations = list(dilations or [1] * rank)
+    pads = explicit_pads(auto_pad, pads, in_sizes, kernel_shape, strides, dilations)
+    return list(kernel_shape), strides, pads, dilations
+
+
+@rule("AveragePool")
+def average_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode,
+                          count_include_pad, kernel_shape, pads, strides, dilations=None):
+    (dy,) = grads
+    x = node.input[0]
+    if dilations and any(d != 1 for d in dilations):
+        raise unsupported_input(node, 0, "is pooled with dilations; not supported")
+    kernel, strides, pads, _ = _window(ctx, node, x, kernel_shape, strides, pads, auto_pad)
+    return [average_pool_transpose(ctx, node, dy, x, kernel=kernel, strides=strides, pads=pads,
+                                   ceil_mode=ceil_mode, count_include_pad=count_include_pad)]
+
+
+@rule("MaxPool")
+def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dilations,
+                      kernel_shape, pads, storage_order, strides):
+    dy = grads[0]
+    x = node.input[0]
+    g = ctx.g
+    if ctx.prr:
+        kernel, strides, pads, dilations = _window(ctx, node, x, kernel_shape, strides, pads,
+                                                   auto_pad, dilations)
+        if any(d != 1 for d in dilations):
+            raise unsupported_input(node, 0, "is max-pooled with dilations; the proportional "
+                                    "redistribution rule needs an undilated pool")
+        z = g.AveragePool(x, kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil_mode,
+                          count_include_pad=0, hint="prr_mean")
+        z = g.Add(z, g.scalar(PRR_EPSILON), hint="prr_mean")
+        share = average_pool_transpose(ctx, node, g.Div(dy, z, hint="prr_ratio"), x,
+                                       kernel=kernel, strides=strides, pads=pads,
+                                       ceil_mode=ceil_mode, count_include_pad=0)
+        return [g.Mul(x, share, hint="dx")]
+    if storage_order:
+        raise unsupported_input(node, 0, "is max-pooled with storage_order=1; not supported")
+    indices = ctx.ensure_output(node, 1, f"{node.name or node.output[0]}/indices")
+    flat_size = g.Reshape(g.Size(x), g.ints([1], "shape"), hint="size")
+    zeros = g.ConstantOfShape(flat_size, hint="zeros",
+                              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    flat = g.ints([-1], "flat")
+    scattered = g.ScatterElements(zeros, g.Reshape(indices, flat), g.Reshape(dy, flat), axis=0,
+                                  reduction="add", hint="dx")
+    return [g.reshape_like(scattered, x, hint="dx")]
+
+
+@rule("GlobalAveragePool")
+def global_average_pool_backward(ctx: RuleContext, node, grads):
+    (dy,) = grads
+    g = ctx.g
+    x = node.input[0]
+    shape = ctx.shape(x)
+    if shape is not None and all(isinstance(d, int) for d in shape[2:]):
+        count = g.scalar(float(np.prod(shape[2:])))
+    else:
+        spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([2 ** 62], "end"))
+        count = g.Cast(g.ReduceProd(spatial, keepdims=0), to=TensorProto.FLOAT, hint="count")
+    return [g.Expand(g.Div(dy, count), g.Shape(x), hint="dx")]

@@ -1,0 +1,145 @@
+"""The ``rectonnx`` command: rewrite, explain, info, demo.
+
+Every error a user can cause (a missing file, a model with unsupported ops, a bad option) ends
+in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import RectonnxError
+from .methods import METHOD_NAMES
+
+METHOD_CHOICE = click.Choice(METHOD_NAMES)
+
+
+def friendly_errors(function):
+    """Turn the errors a user can cause into ``error: <one line>`` and exit status 2."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (RectonnxError, ValueError, OSError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def method_options(function):
+    """--method/--q/--tau/--padding-trick/--prr, shared by rewrite and explain."""
+    options = [
+        click.option("--method", "-m", type=METHOD_CHOICE, default="rectgrad", show_default=True,
+                     help="Attribution method."),
+        click.option("--q", type=click.FloatRange(0, 100), default=98.0, show_default=True,
+                     help="RectGrad: per-layer percentile of importance scores."),
+        click.option("--tau", type=float, default=None,
+                     help="RectGrad: constant threshold instead of the percentile."),
+        click.option("--padding-trick", is_flag=True,
+                     help="Zero gradients whose receptive field covers conv padding."),
+        click.option("--prr", is_flag=True,
+                     help="Max-pool backward by proportional redistribution."),
+        click.option("--input-name", default=None, help="The image input, for multi-input models."),
+        click.option("--output-name", default=None, help="The score output, for multi-output models."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rectonnx")
+def main():
+    """Explain any ONNX image classifier with Rectified Gradient and friends."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the explainer graph (.onnx).")
+@method_options
+@friendly_errors
+def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name):
+    """Write the explainer graph of MODEL (inputs: image, target; outputs: logits, attribution)."""
+    import onnx
+
+    from .rewrite import rewrite as rewrite_model
+
+    started = time.perf_counter()
+    graph = rewrite_model(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
+                          input_name=input_name, output_name=output_name)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph, output)
+    click.echo(f"wrote {output}: {method}, {len(graph.graph.node)} nodes, "
+               f"{time.perf_counter() - started:.2f} s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-name", default=None)
+@click.option("--output-name", default=None)
+@friendly_errors
+def info(model, input_name, output_name):
+    """Inputs, outputs, operators of MODEL, and which ops rectonnx can differentiate."""
+    from .info import coverage_report
+
+    click.echo(coverage_report(model, input_name=input_name, output_name=output_name))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory (maps as .npy, heatmaps as .png, manifest.jsonl).")
+@method_options
+@click.option("--target", type=int, default=-1, show_default=True,
+              help="Class to explain; negative = the predicted class.")
+@click.option("--size", type=int, default=None, help="Input size (default: the model's).")
+@click.option("--resize", type=int, default=None,
+              help="Resize the shorter side to this, then centre-crop to --size.")
+@click.option("--mean", type=str, default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", type=str, default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--preset", type=click.Choice(["imagenet", "minus1to1", "unit"]), default=None,
+              help="Normalisation preset (default: the model's sidecar JSON, else unit).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--png/--no-png", default=True, show_default=True, help="Write heatmap PNGs.")
+@click.option("--overlay/--no-overlay", default=True, show_default=True,
+              help="Also write the heatmap over the image.")
+@friendly_errors
+def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_name, output_name,
+            target, size, resize, mean, std, preset, batch_size, png, overlay):
+    """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL."""
+    from .batch import explain_images, preprocess_for
+
+    preprocess = preprocess_for(model, size=size, resize=resize, mean=mean, std=std,
+                                preset=preset)
+    summary = explain_images(
+        model, images, out_dir, preprocess=preprocess, method=method, q=q, tau=tau,
+        padding_trick=padding_trick, prr=prr, input_name=input_name, output_name=output_name,
+        target=target, batch_size=batch_size, write_png=png, write_overlay=overlay)
+    click.echo(summary.text())
+    if summary.explained == 0:
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="rectonnx-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where to write the pictures.")
+@friendly_errors
+def demo(out_dir):
+    """Compare the methods on the shipped models and photos; writes PNG grids."""
+    from .demo import run_demo
+
+    for line in run_demo(Path(out_dir)):
+        click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

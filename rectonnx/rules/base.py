@@ -94,9 +94,11 @@ class RuleContext:
         return name in self.active
 
     # -- shared emitting helpers ------------------------------------------------------------
-    def unbroadcast(self, grad: str, operand: str, result: str) -> str:
-        """``grad`` (shaped like ``result``) summed down to ``operand``'s shape."""
-        in_shape, out_shape = self.shape(operand), self.shape(result)
+    def unbroadcast(self, grad: str, operand: str, result: str,
+                    grad_shape: tuple | None = None) -> str:
+        """``grad`` (shaped like ``result``, or ``grad_shape``) summed to ``operand``'s shape."""
+        in_shape = self.shape(operand)
+        out_shape = grad_shape if grad_shape is not None else self.shape(result)
         if in_shape is not None and out_shape is not None and tuple(in_shape) == tuple(out_shape) \
                 and all(d is not None for d in in_shape):
             return grad

@@ -86,10 +86,13 @@ def matmul_backward(ctx: RuleContext, node, grads):
     y = node.output[0]
     g = ctx.g
     out = [None, None]
+    batch = tuple((ctx.shape(y) or (None, None))[:-2])
     if ctx.is_active(a):
-        out[0] = ctx.unbroadcast(g.MatMul(dy, _swap_last_two(ctx, b, node, 1), hint="da"), a, y)
+        da = g.MatMul(dy, _swap_last_two(ctx, b, node, 1), hint="da")
+        out[0] = ctx.unbroadcast(da, a, y, batch + tuple((ctx.shape(a) or (None, None))[-2:]))
     if ctx.is_active(b):
-        out[1] = ctx.unbroadcast(g.MatMul(_swap_last_two(ctx, a, node, 0), dy, hint="db"), b, y)
+        db = g.MatMul(_swap_last_two(ctx, a, node, 0), dy, hint="db")
+        out[1] = ctx.unbroadcast(db, b, y, batch + tuple((ctx.shape(b) or (None, None))[-2:]))
     return out
 
 

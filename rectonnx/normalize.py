@@ -36,6 +36,7 @@ FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, Tenso
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Multinomial", "Bernoulli"}
 SCORE_NORMALISERS = {"Softmax", "LogSoftmax"}
+SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 Dim = int | str | None
 
@@ -313,12 +314,18 @@ def choose_output(graph: onnx.GraphProto, output_name: str | None) -> str:
 
 
 def strip_score_normalisers(graph: onnx.GraphProto, output: str) -> str:
-    """Walk back over trailing Softmax/LogSoftmax/Flatten-of-softmax; return the logits tensor."""
+    """The logits tensor: ``output`` with trailing Softmax/LogSoftmax (and the reshapes around
+    them that opset conversion adds) walked back over."""
     producers = {o: n for n in graph.node for o in n.output}
     name = output
-    while name in producers and producers[name].op_type in SCORE_NORMALISERS:
-        name = producers[name].input[0]
-    return name
+    while True:
+        cursor = name
+        while cursor in producers and producers[cursor].op_type in SHAPE_ONLY_OPS:
+            cursor = producers[cursor].input[0]
+        if cursor in producers and producers[cursor].op_type in SCORE_NORMALISERS:
+            name = producers[cursor].input[0]
+        else:
+            return name
 
 
 # ---------------------------------------------------------------------------------------------

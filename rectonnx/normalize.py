@@ -7,7 +7,8 @@ Steps, in order (each a small function):
 3. opset conversion of the ``ai.onnx`` domain to ``TARGET_OPSET`` (17) with onnx's converter;
 4. constant folding: every node whose inputs are all constant is evaluated once
    (``onnx.reference``), so weights made by ``ConstantOfShape`` & co. become initializers;
-5. ``Identity`` and inference-mode ``Dropout`` removed;
+5. ``Identity`` and inference-mode ``Dropout`` removed; ``ceil_mode`` dropped from pools whose
+   windows are the same in floor mode (onnx's shape inference miscounts some of those);
 6. ``BatchNormalization`` with constant statistics folded into the preceding ``Conv``
    (``W' = W s``, ``B' = (B - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``) when that
    Conv feeds only it, otherwise rewritten as ``x * s + (beta - mean s)``;
@@ -29,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from .errors import InvalidModelError
+from .geometry import output_length
 
 TARGET_OPSET = 17
 OUTPUT_IR_VERSION = 8  # the IR version that goes with opset 17; onnxruntime 1.17+ accepts it
@@ -39,6 +41,7 @@ SCORE_NORMALISERS = {"Softmax", "LogSoftmax"}
 SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 Dim = int | str | None
+LARGE_INITIALIZER = 4096  # elements; larger weights are left out of shape inference's copy
 
 
 @dataclass
@@ -137,6 +140,7 @@ def convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     from onnx import version_converter
 
+    hidden = _hide_pads_from_converter(model) if version > TARGET_OPSET else False
     try:
         converted = version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:
@@ -144,7 +148,39 @@ def convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
             f"could not convert the model from opset {version} to opset {TARGET_OPSET} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             f"re-export it with opset {TARGET_OPSET}") from None
+    if hidden:
+        _restore_hidden_pads(converted)
     return converted
+
+
+# onnx's converter has no down-adapter for Pad (opset 18 added the optional ``axes`` input), so a
+# model from opset 18+ with any Pad could not be converted. A Pad without ``axes`` in constant,
+# reflect or edge mode means the same at opset 17: park it in a private domain while converting.
+_PARKED_DOMAIN = "rectonnx.parked"
+
+
+def _hide_pads_from_converter(model: onnx.ModelProto) -> bool:
+    parked = False
+    for node in model.graph.node:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        if (node.op_type == "Pad" and node.domain in ("", "ai.onnx")
+                and (len(node.input) < 4 or not node.input[3])
+                and mode in ("constant", "reflect", "edge")):
+            node.domain = _PARKED_DOMAIN
+            parked = True
+    if parked:
+        model.opset_import.append(helper.make_opsetid(_PARKED_DOMAIN, 1))
+    return parked
+
+
+def _restore_hidden_pads(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.domain == _PARKED_DOMAIN:
+            node.domain = ""
+            del node.input[3:]
+    imports = [o for o in model.opset_import if o.domain != _PARKED_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +261,48 @@ def remove_identities(graph: onnx.GraphProto) -> None:
                 for i, name in enumerate(other.input):
                     if name == result:
                         other.input[i] = source
+
+
+def drop_redundant_ceil_mode(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Set ``ceil_mode = 0`` on pools where it changes nothing; return the shape-inferred model.
+
+    A ceil-mode window must start inside the input or the left padding (ONNX, onnxruntime,
+    PyTorch), so e.g. MaxPool(3, stride 3, pad 1, ceil) on 5 pixels has 2 outputs, as in floor
+    mode; onnx's shape inference ignores that rule and says 3, and every static shape after it
+    would be wrong. Where both modes give the same windows, floor mode is the same op and
+    everyone agrees on it. Pools are settled one at a time, re-inferring shapes in between.
+    """
+    while True:
+        model = infer_shapes(model)
+        shapes, _ = shape_table(model)
+        node = next((n for n in model.graph.node if _ceil_mode_is_redundant(n, shapes)), None)
+        if node is None:
+            return model
+        for attribute in node.attribute:
+            if attribute.name == "ceil_mode":
+                attribute.i = 0
+
+
+def _ceil_mode_is_redundant(node: onnx.NodeProto, shapes) -> bool:
+    if node.op_type not in ("MaxPool", "AveragePool") or node.domain not in ("", "ai.onnx"):
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if not attrs.get("ceil_mode", 0) or auto_pad not in (b"NOTSET", b""):
+        return False
+    shape = shapes.get(node.input[0])
+    sizes = list(shape[2:]) if shape is not None else []
+    kernel = list(attrs.get("kernel_shape", []))
+    if not sizes or not all(isinstance(n, int) for n in sizes) or len(kernel) != len(sizes):
+        return False
+    rank = len(kernel)
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    pads = list(attrs.get("pads", [0] * 2 * rank))
+    return all(
+        output_length(sizes[i], kernel[i], strides[i], dilations[i], pads[i], pads[rank + i], True)
+        == output_length(sizes[i], kernel[i], strides[i], dilations[i], pads[i], pads[rank + i])
+        for i in range(rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +409,31 @@ def strip_score_normalisers(graph: onnx.GraphProto, output: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # 8. shapes and the active path
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its ``value_info`` filled by onnx's shape inference (data propagation on).
+
+    Inference runs on a light copy in which large weights are graph inputs of the same type and
+    shape: the result is the same, without serialising hundreds of MB of weights.
+    """
+    graph = model.graph
+    small, large = [], []
+    for init in graph.initializer:
+        (large if np.prod(init.dims) > LARGE_INITIALIZER else small).append(init)
+    light_graph = helper.make_graph(
+        list(graph.node), graph.name, list(graph.input) + [
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
+        list(graph.output), small)
+    light = helper.make_model(light_graph, opset_imports=list(model.opset_import),
+                              ir_version=model.ir_version)
     try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise InvalidModelError(f"shape inference failed on the model ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0]})") from None
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.output[:]
+    graph.output.extend(inferred.graph.output)
+    return model
 
 
 def shape_table(model: onnx.ModelProto) -> tuple[dict[str, tuple | None], dict[str, int]]:
@@ -394,7 +492,7 @@ def normalize(model, *, input_name: str | None = None,
     constant_nodes_to_initializers(proto.graph)
     fold_constants(proto)
     remove_identities(proto.graph)
-    proto = infer_shapes(proto)
+    proto = drop_redundant_ceil_mode(proto)
     fold_batch_norms(proto.graph)
     output = choose_output(proto.graph, output_name)
     logits = strip_score_normalisers(proto.graph, output)

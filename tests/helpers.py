@@ -86,8 +86,7 @@ def _dims(shape) -> str:
 
 
 def op_model(body: str, x_shape, rng, *, initializers: dict[str, np.ndarray] | None = None,
-             opset: int = 17, ir_version: int = 8, classes: int = 3,
-             extra_inputs: str = "") -> onnx.ModelProto:
+             opset: int = 17, ir_version: int = 8, classes: int = 3) -> onnx.ModelProto:
     """``x -> body -> y -> Flatten -> MatMul(random [D, classes]) -> logits``.
 
     ``body`` is ONNX text that reads ``x`` (``float[N, *x_shape]``) and writes ``y``; the random
@@ -95,12 +94,13 @@ def op_model(body: str, x_shape, rng, *, initializers: dict[str, np.ndarray] | N
     """
     initializers = dict(initializers or {})
     header = f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>'
-    probe = parse(f"{header}\nprobe (float[N,{_dims(x_shape)}] x{extra_inputs}) => (float y) "
+    probe = parse(f"{header}\nprobe (float[N,{_dims(x_shape)}] x) => (float y) "
                   f"{{\n{body}\n}}", initializers)
+    probe.graph.output[0].type.tensor_type.ClearField("shape")  # any rank
     y = session(probe).run(None, {"x": np.ones((1, *x_shape), np.float32)})[0]
     width = int(np.prod(y.shape[1:]))
     initializers["head"] = rng.standard_normal((width, classes)).astype(np.float32)
-    text = (f"{header}\nop_under_test (float[N,{_dims(x_shape)}] x{extra_inputs}) => "
+    text = (f"{header}\nop_under_test (float[N,{_dims(x_shape)}] x) => "
             f"(float[N,{classes}] logits) {{\n{body}\n"
             f"   flat = Flatten <axis = 1> (y)\n   logits = MatMul(flat, head)\n}}")
     return parse(text, initializers)
@@ -119,7 +119,7 @@ def as_double(model: onnx.ModelProto) -> onnx.ModelProto:
             info.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in graph.node:
         for attribute in node.attribute:
-            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+            if (node.op_type, attribute.name, attribute.i) == ("Cast", "to", TensorProto.FLOAT):
                 attribute.i = TensorProto.DOUBLE
             if attribute.type == onnx.AttributeProto.TENSOR and \
                     attribute.t.data_type == TensorProto.FLOAT:

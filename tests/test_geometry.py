@@ -18,6 +18,7 @@ from rectonnx.geometry import (conv_transpose_geometry, explicit_pads, output_le
 
 
 # -- explicit_pads -----------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("kernel,dilation", [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (2, 2),
                                              (3, 2), (4, 3)])
 @pytest.mark.parametrize("n", [5, 6, 9])

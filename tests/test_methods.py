@@ -127,7 +127,8 @@ def captum_attribution(module, method, x, target):
     return logits, result.detach().numpy()
 
 
-NETS = {"pool_then_relu": (PoolThenReLU, (3, 16, 16)), "relu_then_pool": (ReLUThenPool, (3, 12, 12))}
+NETS = {"pool_then_relu": (PoolThenReLU, (3, 16, 16)),
+        "relu_then_pool": (ReLUThenPool, (3, 12, 12))}
 CASES = [(net, method) for net in NETS for method in CAPTUM]
 
 

@@ -316,7 +316,7 @@ def unsupported_model():
             "bad (float[N,2,4,4] x) => (float[N,3] scores) {\n"
             "  h = Conv <pads = [1, 1, 1, 1]> (x, w)\n"
             "  s = Sigmoid(h)\n  t = Tanh(s)\n  u = Sigmoid(t)\n"
-            "  e = Exp(c)\n  v = Mul(u, e)\n"             # Exp of a constant: folded, no rule needed
+            "  e = Exp(c)\n  v = Mul(u, e)\n"  # Exp of a constant: folded, needs no rule
             "  f = Flatten(v)\n  scores = MatMul(f, head)\n}")
     return parse(text, {"w": rng.standard_normal((2, 2, 3, 3)).astype(np.float32),
                         "c": np.float32(0.5),
@@ -352,6 +352,34 @@ def test_unsupported_op_names_given_in_the_model_are_reported():
         rectonnx.rewrite(model, "saliency")
     assert sorted(info.value.unsupported) == [("Erf", "erf_layer"), ("Softplus", "smooth_one")]
     assert "smooth_one" in str(info.value) and "erf_layer" in str(info.value)
+
+
+def test_ops_of_other_domains_are_reported():
+    """A com.microsoft op on the path is named like any op without a rule (never emitted)."""
+    nodes = [helper.make_node("Gelu", ["x"], ["a"], domain="com.microsoft", name="ms_gelu"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("MatMul", ["b", "w"], ["scores"], name="head")]
+    graph = helper.make_graph(
+        nodes, "ms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UnsupportedModelError) as info:
+        rectonnx.rewrite(model, "saliency")
+    assert info.value.unsupported == [("Gelu", "ms_gelu")]
+
+
+def test_convolutions_need_static_image_sizes():
+    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
+            "fcn (float[N,2,H,W] x) => (float[N,3] scores) {\n"
+            "  h = Conv <pads = [1, 1, 1, 1]> (x, w)\n  r = Relu(h)\n"
+            "  p = GlobalAveragePool(r)\n  f = Flatten(p)\n  scores = MatMul(f, head)\n}")
+    model = parse(text, {"w": np.ones((3, 2, 3, 3), np.float32),
+                         "head": np.ones((3, 3), np.float32)})
+    with pytest.raises(UnsupportedModelError, match="static sizes") as info:
+        rectonnx.rewrite(model, "saliency")
+    assert [op for op, _ in info.value.unsupported] == ["Conv"]
 
 
 def test_non_float_input_is_rejected():

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnx
 
+from ._common import finish, require
+
 DEFAULT_OPSET = 17
 
 
@@ -23,11 +25,7 @@ def export(model, example_input, path: str | Path | None = None, *, input_name: 
            output_name: str = "logits", opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = True) -> onnx.ModelProto:
     """Export ``model`` (a ``torch.nn.Module``) and return the ONNX model; save it if ``path``."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("exporting PyTorch models needs torch: pip install 'rectonnx[torch]'") \
-            from None
+    torch = require("torch", "pip install 'rectonnx[torch]'")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
@@ -42,9 +40,4 @@ def export(model, example_input, path: str | Path | None = None, *, input_name: 
                               dynamic_axes=axes, do_constant_folding=True)
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
-    onnx.checker.check_model(proto)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(path))
-    return proto
+    return finish(onnx.load_from_string(buffer.getvalue()), path)

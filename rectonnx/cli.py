@@ -1,4 +1,4 @@
-"""The ``rectonnx`` command: rewrite, explain, info, demo.
+"""The ``rectonnx`` command: rewrite, explain, export-triton, info, demo.
 
 Every error a user can cause (a missing file, a model with unsupported ops, a bad option) ends
 in one line on stderr and exit status 2, never a traceback.
@@ -97,7 +97,8 @@ def info(model, input_name, output_name):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output directory (maps as .npy, heatmaps as .png, manifest.jsonl).")
+              help="Output directory (attributions, heatmaps, manifest.jsonl); re-running the "
+                   "same command resumes where it stopped.")
 @method_options
 @click.option("--target", type=int, default=-1, show_default=True,
               help="Class to explain; negative = the predicted class.")
@@ -108,25 +109,94 @@ def info(model, input_name, output_name):
 @click.option("--std", type=str, default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
 @click.option("--preset", type=click.Choice(["imagenet", "minus1to1", "unit"]), default=None,
               help="Normalisation preset (default: the model's sidecar JSON, else unit).")
+@click.option("--format", "fmt", type=click.Choice(["npy", "npz", "shards"]), default="npy",
+              show_default=True, help="One .npy or compressed .npz per image, or sharded .npz "
+                                      "files of --shard-size maps.")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--memory-budget", default=None,
+              help="Lower the batch size so activations fit, e.g. 2GB.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto: CUDA when onnxruntime can use it, else CPU.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Image decoding threads (default: CPU count, at most 8).")
 @click.option("--png/--no-png", default=True, show_default=True, help="Write heatmap PNGs.")
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write the heatmap over the image.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray: an actor pool of explainers (pip install 'rectonnx[ray]').")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to join (default: a local Ray instance).")
+@click.option("--actors", type=click.IntRange(1), default=None,
+              help="Ray: explainer actors (default: one per CPU, or per GPU with --gpus).")
+@click.option("--gpus", "gpus_per_actor", type=click.FloatRange(0), default=0.0,
+              help="Ray: GPUs per actor (e.g. 1, or 0.5 to share one).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_name, output_name,
-            target, size, resize, mean, std, preset, batch_size, png, overlay):
+            target, size, resize, mean, std, preset, fmt, shard_size, batch_size,
+            memory_budget, device, workers, png, overlay, use_ray, ray_address, actors,
+            gpus_per_actor, progress):
     """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL."""
     from .batch import explain_images, preprocess_for
 
     preprocess = preprocess_for(model, size=size, resize=resize, mean=mean, std=std,
                                 preset=preset)
-    summary = explain_images(
-        model, images, out_dir, preprocess=preprocess, method=method, q=q, tau=tau,
-        padding_trick=padding_trick, prr=prr, input_name=input_name, output_name=output_name,
-        target=target, batch_size=batch_size, write_png=png, write_overlay=overlay)
+    options = dict(preprocess=preprocess, method=method, q=q, tau=tau,
+                   padding_trick=padding_trick, prr=prr, input_name=input_name,
+                   output_name=output_name, target=target, batch_size=batch_size,
+                   memory_budget=memory_budget, fmt=fmt, shard_size=shard_size, write_png=png,
+                   write_overlay=overlay, progress=progress)
+    try:
+        if use_ray:
+            from .distributed import explain_images_ray
+
+            summary = explain_images_ray(model, images, out_dir, address=ray_address,
+                                         actors=actors, gpus_per_actor=gpus_per_actor,
+                                         **options)
+        else:
+            summary = explain_images(model, images, out_dir, device=device, workers=workers,
+                                     **options)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished images are listed in {out_dir}/manifest.jsonl; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
     click.echo(summary.text())
-    if summary.explained == 0:
+    if summary.explained == 0 and summary.resumed == 0:
         sys.exit(2)
+
+
+@main.command("export-triton")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--repo", required=True, type=click.Path(file_okay=False),
+              help="Triton model repository to write into.")
+@click.option("--name", default=None, help="Model name in the repository (default: the "
+                                           "file's stem and the method, e.g. resnet_rectgrad).")
+@click.option("--version", type=click.IntRange(1), default=1, show_default=True)
+@method_options
+@click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True,
+              help="Largest batch Triton forms (0: no batching, dims include the batch).")
+@click.option("--max-queue-delay-us", type=click.IntRange(0), default=1000, show_default=True,
+              help="Dynamic batching: how long a request may wait for others.")
+@click.option("--instance", "instance_kind", type=click.Choice(["auto", "cpu", "gpu"]),
+              default="auto", show_default=True, help="Where Triton runs the instances.")
+@click.option("--instances", "instance_count", type=click.IntRange(1), default=1,
+              show_default=True, help="Model instances per device.")
+@click.option("--force", is_flag=True, help="Replace an existing version directory.")
+@friendly_errors
+def export_triton(model, repo, name, version, method, q, tau, padding_trick, prr, input_name,
+                  output_name, max_batch_size, max_queue_delay_us, instance_kind,
+                  instance_count, force):
+    """Write MODEL's explainer graph as a Triton model repository entry (onnxruntime backend)."""
+    from .serve import export_triton as export
+
+    written = export(model, repo, name=name, version=version, method=method, q=q, tau=tau,
+                     padding_trick=padding_trick, prr=prr, input_name=input_name,
+                     output_name=output_name, max_batch_size=max_batch_size,
+                     max_queue_delay_us=max_queue_delay_us, instance_kind=instance_kind,
+                     instance_count=instance_count, overwrite=force)
+    click.echo(f"wrote {written.model_file} and {written.config_file}")
+    click.echo(written.summary())
 
 
 @main.command()

@@ -17,16 +17,20 @@ supported activation. RectGrad's ``tau`` is a constant or the per-sample ``q``-t
 ``y R`` (threshold.py). Matches the authors' code: strict ``>``, per-sample percentile, no extra
 ReLU mask, final ``x * R_x`` thresholded at 0. Departs on purpose: non-ReLU activations keep
 ``f'(z)`` (their code ignores e.g. ReLU6 saturation).
+
+The paper's baselines (smoothgrad, integrated_gradients, deeplift, epsilon_lrp) are in
+baselines.py: they also override the backward of some ops (``rules``) or run several copies of
+each sample (``copies``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .builder import GraphBuilder
 from .rules.base import Activation, RuleContext
-from .threshold import percentile_threshold
+from .threshold import DEFAULT_ALGORITHM, check_algorithm, percentile_threshold
 
 ActivationRule = Callable[[RuleContext, Activation], str]
 Finish = Callable[[GraphBuilder, str, str], str]
@@ -34,13 +38,16 @@ Finish = Callable[[GraphBuilder, str, str], str]
 
 @dataclass(frozen=True)
 class Method:
-    """A named attribution method: its gate at activations and its finishing step."""
+    """A named attribution method: its gate at activations and its finishing step; optionally
+    backward rules that replace the standard ones by op type, and copies of each sample."""
 
     name: str
     activation: ActivationRule
     finish: Finish
     summary: str
     options: dict = field(default_factory=dict)
+    rules: Mapping[str, Callable] = field(default_factory=dict)
+    copies: "Copies | None" = None
 
 
 # -- gates at activations ----------------------------------------------------------------------
@@ -56,17 +63,19 @@ def guided_gate(ctx: RuleContext, act: Activation) -> str:
     return ctx.g.Relu(act.exact, hint="guided")
 
 
-def rectified_gate(q: float, tau: float | None) -> ActivationRule:
-    """RectGrad: keep the gradient where the importance score ``y R`` exceeds ``tau``."""
+def rectified_gate(q: float, tau: float | None,
+                   threshold: str = DEFAULT_ALGORITHM) -> ActivationRule:
+    """RectGrad: keep the gradient where the importance score ``y R`` exceeds ``tau``
+    (``threshold`` names the algorithm for the percentile; both give the same tau)."""
     def gate(ctx: RuleContext, act: Activation) -> str:
         g = ctx.g
         scores = g.Mul(act.y, act.upstream, hint="importance")
         if tau is None:
-            threshold = percentile_threshold(g, scores, ctx.shape(act.y), q)
+            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold)
         else:
-            threshold = g.scalar(tau, hint="tau")
+            cut = g.scalar(tau, hint="tau")
         passed = act.upstream if act.is_relu else act.exact
-        return g.Where(g.Greater(scores, threshold), passed, g.scalar(0.0), hint="rectgrad")
+        return g.Where(g.Greater(scores, cut), passed, g.scalar(0.0), hint="rectgrad")
     return gate
 
 
@@ -91,21 +100,31 @@ SIMPLE_METHODS = {
     "guided_backprop": Method("guided_backprop", guided_gate, gradient_only,
                               "gradient and upstream signal both positive"),
 }
-METHOD_NAMES = tuple(SIMPLE_METHODS) + ("rectgrad",)
+BASELINE_NAMES = ("smoothgrad", "integrated_gradients", "deeplift", "epsilon_lrp")
+METHOD_NAMES = tuple(SIMPLE_METHODS) + ("rectgrad",) + BASELINE_NAMES
 
 
-def rectgrad(q: float = 98.0, tau: float | None = None) -> Method:
+def rectgrad(q: float = 98.0, tau: float | None = None,
+             threshold: str = DEFAULT_ALGORITHM) -> Method:
     if tau is None and not 0.0 <= q <= 100.0:
         raise ValueError(f"q must be a percentile in [0, 100], got {q}")
+    check_algorithm(threshold)
     summary = f"RectGrad, tau = {tau}" if tau is not None else f"RectGrad, q = {q}"
-    return Method("rectgrad", rectified_gate(q, tau), positive_times_input, summary,
-                  {"q": q, "tau": tau})
+    return Method("rectgrad", rectified_gate(q, tau, threshold), positive_times_input, summary,
+                  {"q": q, "tau": tau, "threshold": threshold})
 
 
-def get_method(name: str, *, q: float = 98.0, tau: float | None = None) -> Method:
-    """The method called ``name``; ``q``/``tau`` parametrise RectGrad."""
+def get_method(name: str, *, q: float = 98.0, tau: float | None = None,
+               threshold: str = DEFAULT_ALGORITHM, **options) -> Method:
+    """The method called ``name``; ``q``/``tau``/``threshold`` parametrise RectGrad and
+    ``options`` a baseline (baselines.py)."""
+    if name in BASELINE_NAMES:
+        from .baselines import baseline_method
+        return baseline_method(name, **options)
+    if options:
+        raise ValueError(f"{name} has no option {', '.join(sorted(options))}")
     if name == "rectgrad":
-        return rectgrad(q, tau)
+        return rectgrad(q, tau, threshold)
     try:
         return SIMPLE_METHODS[name]
     except KeyError:

@@ -1,21 +1,27 @@
 """Put any ONNX classifier into the canonical form the backward rules assume.
 
-Steps, in order (each a small function):
+Steps, in order (each a small function; the op-level ones live in canonical_ops.py):
 
 1. load: a path, bytes or ``ModelProto``; a clear ``InvalidModelError`` for anything else;
 2. weights listed as graph inputs (IR 3) become plain initializers; ``Constant`` nodes too;
-3. opset conversion of the ``ai.onnx`` domain to ``TARGET_OPSET`` (17) with onnx's converter;
+3. opset conversion of the ``ai.onnx`` domain to ``TARGET_OPSET`` (17) with onnx's converter,
+   run on a copy without the large weights; Gelu/Swish/Mish (newer than 17) are written with
+   primitives first, and Resize nodes that were Upsample/Resize-10 keep their old coordinates;
 4. constant folding: every node whose inputs are all constant is evaluated once
    (``onnx.reference``), so weights made by ``ConstantOfShape`` & co. become initializers;
 5. ``Identity`` and inference-mode ``Dropout`` removed; ``ceil_mode`` dropped from pools whose
    windows are the same in floor mode (onnx's shape inference miscounts some of those);
 6. ``BatchNormalization`` with constant statistics folded into the preceding ``Conv``
    (``W' = W s``, ``B' = (B - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``) when that
-   Conv feeds only it, otherwise rewritten as ``x * s + (beta - mean s)``;
+   Conv feeds only it, otherwise rewritten as ``x * s + (beta - mean s)``; an Einsum that is a
+   matrix product becomes MatMul;
 7. trailing ``Softmax``/``LogSoftmax`` stripped, so the logits are the scores before it, and an
    ``[N, C, 1, 1]`` score map flattened to ``[N, C]``;
 8. shape inference, then the set of "active" tensors: floating-point tensors that depend on the
-   data input and lead to the logits. Only nodes producing active tensors need backward rules.
+   data input and lead to the logits. Only nodes producing active tensors need backward rules;
+9. a fixed batch made symbolic where shape inference confirms it is safe, and composite
+   activations (Gelu, SiLU, Mish spelt with several nodes) handed to the walker as one node
+   each (composites.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from .canonical_ops import (decompose_newer_activations, einsum_to_matmul, fix_legacy_resize,
+                            symbolic_batch)
+from .composites import fuse_composites
 from .errors import InvalidModelError
 from .geometry import output_length
 
@@ -153,19 +162,28 @@ def convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
-# onnx's converter has no down-adapter for Pad (opset 18 added the optional ``axes`` input), so a
-# model from opset 18+ with any Pad could not be converted. A Pad without ``axes`` in constant,
-# reflect or edge mode means the same at opset 17: park it in a private domain while converting.
+# onnx's converter has no down-adapter for Pad (opset 18 added the optional ``axes`` input) nor
+# for Split (opset 18 added ``num_outputs``), so a model from opset 18+ with either could not be
+# converted. A Pad without ``axes`` in constant, reflect or edge mode, and a Split with a ``split``
+# input or an even ``num_outputs``, mean the same at opset 17 (an uneven num_outputs split then
+# fails shape inference, clearly): park them in a private domain while converting.
 _PARKED_DOMAIN = "rectonnx.parked"
+
+
+def _parkable(node: onnx.NodeProto) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Split":
+        return True
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+    return (node.op_type == "Pad" and (len(node.input) < 4 or not node.input[3])
+            and mode in ("constant", "reflect", "edge"))
 
 
 def _hide_pads_from_converter(model: onnx.ModelProto) -> bool:
     parked = False
     for node in model.graph.node:
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
-        if (node.op_type == "Pad" and node.domain in ("", "ai.onnx")
-                and (len(node.input) < 4 or not node.input[3])
-                and mode in ("constant", "reflect", "edge")):
+        if _parkable(node):
             node.domain = _PARKED_DOMAIN
             parked = True
     if parked:
@@ -177,7 +195,12 @@ def _restore_hidden_pads(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         if node.domain == _PARKED_DOMAIN:
             node.domain = ""
-            del node.input[3:]
+            if node.op_type == "Pad":
+                del node.input[3:]
+            else:  # Split
+                kept = [a for a in node.attribute if a.name != "num_outputs"]
+                del node.attribute[:]
+                node.attribute.extend(kept)
     imports = [o for o in model.opset_import if o.domain != _PARKED_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(imports)
@@ -408,12 +431,10 @@ def strip_score_normalisers(graph: onnx.GraphProto, output: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # 8. shapes and the active path
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its ``value_info`` filled by onnx's shape inference (data propagation on).
-
-    Inference runs on a light copy in which large weights are graph inputs of the same type and
-    shape: the result is the same, without serialising hundreds of MB of weights.
-    """
+def split_large_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """A light copy of ``model`` whose large weights are graph inputs of the same type and
+    shape, and those weights: the whole-model tools of onnx (checker, converter, shape
+    inference) then give the same result without serialising hundreds of MB."""
     graph = model.graph
     small, large = [], []
     for init in graph.initializer:
@@ -421,9 +442,30 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     light_graph = helper.make_graph(
         list(graph.node), graph.name, list(graph.input) + [
             helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
-        list(graph.output), small)
+        list(graph.output), small, value_info=list(graph.value_info))
     light = helper.make_model(light_graph, opset_imports=list(model.opset_import),
                               ir_version=model.ir_version)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    return light, large
+
+
+def join_large_initializers(light: onnx.ModelProto, large: list) -> onnx.ModelProto:
+    """Undo ``split_large_initializers`` on ``light`` (in place; returns it)."""
+    names = {t.name for t in large}
+    inputs = [i for i in light.graph.input if i.name not in names]
+    del light.graph.input[:]
+    light.graph.input.extend(inputs)
+    light.graph.initializer.extend(large)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its ``value_info`` filled by onnx's shape inference (data propagation on),
+    run on the light copy (``split_large_initializers``)."""
+    graph = model.graph
+    light, _ = split_large_initializers(model)
+    del light.graph.value_info[:]
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
@@ -483,17 +525,28 @@ def normalize(model, *, input_name: str | None = None,
         raise InvalidModelError("the model has no outputs")
     drop_initializer_inputs(proto)
     constant_nodes_to_initializers(proto.graph)
+    light, large = split_large_initializers(proto)
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(light)
     except Exception as exc:
         raise InvalidModelError(f"the model is not valid ONNX: {str(exc).splitlines()[0]}") from None
-    proto = convert_opset(proto)
+    source_opset = ai_onnx_opset(light)
+    if source_opset > TARGET_OPSET:
+        decompose_newer_activations(light.graph)
+    light = convert_opset(light)
+    if source_opset <= 10:
+        fix_legacy_resize(light.graph)
+    proto = join_large_initializers(light, large)
     proto.ir_version = OUTPUT_IR_VERSION
     constant_nodes_to_initializers(proto.graph)
     fold_constants(proto)
     remove_identities(proto.graph)
     proto = drop_redundant_ceil_mode(proto)
     fold_batch_norms(proto.graph)
+    if any(n.op_type == "Einsum" for n in proto.graph.node):
+        shapes, _ = shape_table(proto)
+        einsum_to_matmul(proto.graph, {k: None if v is None else len(v)
+                                       for k, v in shapes.items()})
     output = choose_output(proto.graph, output_name)
     logits = strip_score_normalisers(proto.graph, output)
 
@@ -527,8 +580,14 @@ def normalize(model, *, input_name: str | None = None,
         raise InvalidModelError(f"the class scores {logits!r} have shape {list(logits_shape)}; "
                                 "expected [N, C] (or [N, C, 1, 1])")
 
-    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     active, path = active_path(proto.graph, input_name, logits, types)
     if input_name not in active:
         raise InvalidModelError(f"the scores {logits!r} do not depend on input {input_name!r}")
+    if symbolic_batch(proto, input_name, logits, active, infer_shapes,
+                      lambda m: split_large_initializers(m)[0]):
+        proto = infer_shapes(proto)
+        shapes, types = shape_table(proto)
+        active, path = active_path(proto.graph, input_name, logits, types)
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    path = fuse_composites(proto.graph, path, constants)
     return NormalizedModel(proto, input_name, logits, shapes, types, constants, active, path)

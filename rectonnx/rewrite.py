@@ -3,14 +3,21 @@
 The emitted graph takes the model's data input and ``target`` (int64 ``[N]``, negative = the
 predicted class) and returns ``logits`` (``[N, C]``, before any Softmax) and ``attribution``
 (the input's shape). The backward pass is seeded with ``one_hot(target)`` on the logits, so it
-computes ``dS/dx`` of the target score ``S``, modified at activations by the method.
+computes ``dS/dx`` of the target score ``S``, modified at activations by the method. Methods that
+need several inputs per sample (SmoothGrad, Integrated Gradients, DeepLIFT) run the forward and
+backward graph on copies of each sample and combine their gradients (baselines.py). On request
+the graph also returns the gradient reaching every activation's output, ``attribution/<node>``
+(the paper's Figure 6), and the attribution can be thresholded at a percentile (Sec. 5.2).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 from onnx import TensorProto, helper
 
+from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
 from .errors import InvalidModelError
 from .methods import get_method
@@ -23,20 +30,34 @@ LOGITS, ATTRIBUTION, TARGET = "logits", "attribution", "target"
 
 def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | None = None,
             padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
-            output_name: str | None = None) -> onnx.ModelProto:
+            output_name: str | None = None, threshold: str = "topk",
+            final_percentile: float | None = None, layer_outputs: bool = False,
+            **method_options) -> onnx.ModelProto:
     """Return the explainer graph of ``model`` for ``method``.
 
     Args:
         model: path, bytes or ``onnx.ModelProto`` of a classifier (opset 9+).
-        method: one of saliency, grad_input, deconvnet, guided_backprop, rectgrad.
+        method: one of saliency, grad_input, deconvnet, guided_backprop, rectgrad,
+            smoothgrad, integrated_gradients, deeplift, epsilon_lrp.
         q: RectGrad's per-layer percentile (used when ``tau`` is None).
         tau: RectGrad's constant threshold (overrides ``q``).
         padding_trick: zero the gradient where a convolution's receptive field covers padding.
         prr: max-pool backward by the proportional redistribution rule.
         input_name, output_name: which input is the image and which output holds the scores,
             for models with several.
+        threshold: how RectGrad's percentile is computed, ``"topk"`` (fastest on CPU) or
+            ``"bisect"`` (no TopK: TensorRT-safe); both give the same tau (threshold.py).
+        final_percentile: keep the attribution above its per-sample percentile (the paper's
+            final thresholding uses 95), zero the rest.
+        layer_outputs: also output ``attribution/<node>``, the gradient of the method at the
+            output of every activation node (combined over copies like the input gradient).
+        method_options: the baseline's options, e.g. ``samples``, ``sigma``, ``seed``
+            (smoothgrad), ``steps``, ``baseline``, ``integration`` (integrated_gradients),
+            ``baseline`` (deeplift), ``epsilon`` (epsilon_lrp); see baselines.py.
     """
-    chosen = get_method(method, q=q, tau=tau)
+    chosen = get_method(method, q=q, tau=tau, threshold=threshold, **method_options)
+    if final_percentile is not None and not 0.0 <= final_percentile <= 100.0:
+        raise ValueError(f"final_percentile must be in [0, 100], got {final_percentile}")
     norm = normalize(model, input_name=input_name, output_name=output_name)
     node_names_filled(norm.graph)
     check_supported(norm)
@@ -47,14 +68,39 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
     taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
     taken |= {LOGITS, ATTRIBUTION, TARGET}
     g = GraphBuilder(taken)
-    ctx = RuleContext(g, norm.shapes, norm.constants, norm.active, chosen,
+    layers: dict[str, str] = {}  # activation output -> the gradient reaching it
+    walked = _recording(chosen, layers) if layer_outputs else chosen
+    ctx = RuleContext(g, norm.shapes, norm.constants, norm.active, walked,
                       padding_trick=padding_trick, prr=prr, opset=TARGET_OPSET)
+    copies = chosen.copies or SINGLE
+    differentiated = copies.feed(norm, g, LOGITS)
     g.scope("seed")
     seed = one_hot_seed(g, norm, LOGITS, TARGET)
-    grad_input = backpropagate(norm, ctx, seed)
+    grad_input = backpropagate(differentiated, ctx, copies.repeat(g, seed))
     g.scope("attribution")
-    g.Identity(chosen.finish(g, norm.input_name, grad_input), outputs=[ATTRIBUTION])
-    return assemble(norm, g, chosen.name)
+    rank = len(norm.shapes.get(norm.input_name) or ())
+    attribution = chosen.finish(g, norm.input_name, copies.combine(g, grad_input, rank))
+    if final_percentile is not None:
+        attribution = final_threshold(g, attribution, norm.shapes.get(norm.input_name),
+                                      final_percentile, threshold)
+    g.Identity(attribution, outputs=[ATTRIBUTION])
+    extra = []
+    for node in norm.path_nodes if layer_outputs else ():
+        if node.output[0] in layers:
+            name = g.scope("").fresh(f"{ATTRIBUTION}/{node.name.strip('/')}")
+            shape = norm.shapes.get(node.output[0])
+            g.Identity(copies.combine(g, layers[node.output[0]], len(shape or ())),
+                       outputs=[name])
+            extra.append((name, shape))
+    return assemble(norm, g, chosen.name, extra)
+
+
+def _recording(method, layers: dict[str, str]):
+    """``method`` whose activation gate also notes ``layers[y] = R`` (the gradient at ``y``)."""
+    def gate(ctx, act):
+        layers[act.y] = act.upstream
+        return method.activation(ctx, act)
+    return dataclasses.replace(method, activation=gate)
 
 
 def _reserve_contract_names(norm: NormalizedModel) -> None:
@@ -105,7 +151,8 @@ def one_hot_seed(g: GraphBuilder, norm: NormalizedModel, logits: str, target: st
     return g.Cast(hot, to=TensorProto.FLOAT, hint="one_hot")
 
 
-def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str) -> onnx.ModelProto:
+def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
+             extra_outputs: list[tuple[str, tuple | None]] = ()) -> onnx.ModelProto:
     graph = norm.graph
     data_input = next(i for i in graph.input if i.name == norm.input_name)
     batch = data_input.type.tensor_type.shape.dim[0] if \
@@ -116,7 +163,9 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str) -> onnx.M
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, logits_shape),
                helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT,
                                              norm.shapes.get(norm.input_name))]
-    nodes = prune([*graph.node, *g.nodes], {LOGITS, ATTRIBUTION})
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                for name, shape in extra_outputs]
+    nodes = prune([*graph.node, *g.nodes], {o.name for o in outputs})
     used = {name for n in nodes for name in n.input}
     initializers = [t for t in [*graph.initializer, *g.initializers] if t.name in used]
     explainer = helper.make_graph(nodes, f"{graph.name or 'model'}_{method_name}",

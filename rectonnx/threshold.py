@@ -5,14 +5,39 @@ For importance scores ``s = y * R`` of one layer and sample with ``M`` elements,
 TensorFlow's ``percentile(s, q, interpolation='nearest')`` of the authors' code. The percentile is
 per sample, over all non-batch elements, never across the batch. A unit is kept when
 ``s > tau`` (strict).
+
+Two exact algorithms compute the same ``tau`` (equal as float32 values; ``0.0`` and ``-0.0``,
+which compare equal in ``s > tau``, may differ in sign bit):
+
+* ``"topk"`` (default, fastest on CPU): the k-th largest by TopK. With ``M`` static and large, a
+  two-stage selection does it on a fraction of the elements: cut the ``M`` scores into ``B``
+  blocks of ``L``, take the ``k`` blocks with the largest maxima, and the k-th largest of those
+  ``k L`` scores is the k-th largest of all (``block_select_sizes`` says why). TopK runs on about
+  ``M / L + k L`` instead of ``M`` elements (``2 sqrt(k M)`` at best, 28 % of ``M`` at q = 98).
+  When ``k > M / 2`` the mirror image (k-th largest = (M - k + 1)-th smallest) is used.
+* ``"bisect"`` (TensorRT-safe: no TopK, whose K TensorRT caps at 3840): by counting. With
+  ``P = #(s > 0)`` and ``Z = #(s == 0)``: tau > 0 is the k-th largest positive score when
+  ``k <= P``; tau = 0 when ``P < k <= P + Z``; else tau = -(the (M - k + 1)-th largest of
+  ``-s`` among the negative scores). The r-th largest positive float32 ``v`` is found bit by bit:
+  9 halvings find its binade ``2^E`` (the largest power of two with ``#(u >= 2^E) >= r``), 23
+  more its mantissa, each step one ``count(u >= candidate)``; every candidate ``2^E + i ulp(E)``
+  is exactly representable, so the result is exact. Counts are float32 sums of 0/1, exact for
+  ``M < 2^24`` elements per sample. About 35 elementwise passes: slower than TopK on CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from onnx import TensorProto
 
 from .builder import GraphBuilder
+
+ALGORITHMS = ("topk", "bisect")
+DEFAULT_ALGORITHM = "topk"
+BLOCK_SELECT_MIN = 4096  # below this many scores per sample a single TopK is as fast
+COUNT_LIMIT = 2 ** 24    # float32 counts are exact below this
 
 
 def percentile_rank(num_elements: int, q: float) -> int:
@@ -22,21 +47,170 @@ def percentile_rank(num_elements: int, q: float) -> int:
     return int(np.round(np.float64(num_elements - 1) * (1.0 - np.float64(q) / 100.0))) + 1
 
 
-def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: float) -> str:
+def check_algorithm(algorithm: str) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown threshold algorithm {algorithm!r}; choose one of "
+                         f"{', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: float,
+                         algorithm: str = DEFAULT_ALGORITHM) -> str:
     """Per-sample threshold, shaped ``[N, 1, ..., 1]`` to broadcast against ``scores``."""
+    check_algorithm(algorithm)
     rank = len(shape) if shape is not None else None
     if rank is None:
         raise ValueError("the rank of the activation must be known to threshold it per sample")
     flat = g.Reshape(scores, g.ints([0, -1], "per_sample"), hint="scores_flat")
     tail = shape[1:]
-    if all(isinstance(d, int) for d in tail):
-        k = g.ints([percentile_rank(int(np.prod(tail)), q)], "k")
+    size = int(np.prod(tail)) if all(isinstance(d, int) for d in tail) else None
+    if algorithm == "bisect":
+        if size is not None and size >= COUNT_LIMIT:
+            raise ValueError(f"threshold='bisect' counts in float32 and needs fewer than 2^24 "
+                             f"elements per sample; this layer has {size}: use 'topk'")
+        tau = kth_largest_by_counting(g, flat, size, q)
+    elif size is not None:
+        tau = kth_largest_static(g, flat, size, percentile_rank(size, q))
     else:  # M is only known at run time: the same formula, in the graph
-        m = g.Gather(g.Shape(flat), g.ints([1], "index"), axis=0, hint="m")
-        m_minus_1 = g.Cast(g.Sub(m, g.ints([1], "one")), to=TensorProto.DOUBLE)
-        fraction = g.const(np.array([1.0 - q / 100.0], np.float64), "fraction")
-        k = g.Add(g.Cast(g.Round(g.Mul(m_minus_1, fraction)), to=TensorProto.INT64),
-                  g.ints([1], "one"), hint="k")
-    top, _ = g.op("TopK", flat, k, axis=1, largest=1, sorted=1, outputs=2, hint="top")
-    tau = g.ReduceMin(top, axes=[1], keepdims=1, hint="tau")
+        tau = g.ReduceMin(g.op("TopK", flat, dynamic_rank(g, flat, q), axis=1, largest=1,
+                               sorted=0, outputs=2, hint="top")[0],
+                          axes=[1], keepdims=1, hint="tau")
     return g.Reshape(tau, g.ints([-1] + [1] * (rank - 1), "broadcast"), hint="tau")
+
+
+def dynamic_rank(g: GraphBuilder, flat: str, q: float) -> str:
+    """``k`` as an int64 ``[1]`` tensor computed from the run-time ``M`` (Round is half-even)."""
+    m = g.Gather(g.Shape(flat), g.ints([1], "index"), axis=0, hint="m")
+    m_minus_1 = g.Cast(g.Sub(m, g.ints([1], "one")), to=TensorProto.DOUBLE)
+    fraction = g.const(np.array([1.0 - q / 100.0], np.float64), "fraction")
+    return g.Add(g.Cast(g.Round(g.Mul(m_minus_1, fraction)), to=TensorProto.INT64),
+                 g.ints([1], "one"), hint="k")
+
+
+# -- TopK -----------------------------------------------------------------------------------------
+def block_select_sizes(size: int, k: int) -> tuple[int, int] | None:
+    """``(B, L)`` with ``B L = M`` for the two-stage selection, or None when it does not pay.
+
+    Why it is exact: let ``t`` be the k-th largest block maximum, ``S`` the union of the ``k``
+    blocks with the largest maxima and ``tau`` the k-th largest score. ``S`` is a subset, so its
+    k-th largest is ``<= tau``. If ``t >= tau``, the ``k`` maxima in ``S`` are all ``>= tau``; if
+    ``t < tau``, every block outside ``S`` has its maximum ``<= t < tau``, so all the (at least
+    ``k``) scores ``>= tau`` lie in ``S``. Either way ``S`` holds ``k`` scores ``>= tau``: its
+    k-th largest is ``tau``. Ties between block maxima may be broken in any way.
+    """
+    if size < BLOCK_SELECT_MIN or k < 2:
+        return None
+    best = None
+    for length in range(2, int(math.isqrt(size)) + 1):
+        if size % length:
+            continue
+        for blocks, span in ((size // length, length), (length, size // length)):
+            if blocks <= k:  # the first stage must leave blocks out
+                continue
+            work = blocks + k * span
+            if best is None or work < best[0]:
+                best = (work, blocks, span)
+    if best is None or best[0] > 0.7 * size:
+        return None
+    return best[1], best[2]
+
+
+def kth_largest_static(g: GraphBuilder, flat: str, size: int, k: int) -> str:
+    """``[N, 1]``: the k-th largest of each row of ``flat`` ``[N, size]`` (size known)."""
+    if k == 1:
+        return g.ReduceMax(flat, axes=[1], keepdims=1, hint="tau")
+    if k == size:
+        return g.ReduceMin(flat, axes=[1], keepdims=1, hint="tau")
+    largest = k <= size - k + 1
+    rank = k if largest else size - k + 1  # k-th largest = (M - k + 1)-th smallest
+    extreme, opposite = ("ReduceMax", "ReduceMin") if largest else ("ReduceMin", "ReduceMax")
+    candidates, count = flat, size
+    sizes = block_select_sizes(size, rank)
+    if sizes is not None:
+        blocks, span = sizes
+        grid = g.Reshape(flat, g.ints([0, blocks, span], "blocks"), hint="blocks")
+        heads = g.op(extreme, grid, axes=[2], keepdims=0, hint="block_extreme")
+        _, chosen = g.op("TopK", heads, g.ints([rank], "k"), axis=1, largest=int(largest),
+                         sorted=0, outputs=2, hint="chosen_blocks")
+        picked = g.GatherND(grid, g.Unsqueeze(chosen, g.ints([2], "axes")), batch_dims=1,
+                            hint="candidates")
+        candidates = g.Reshape(picked, g.ints([0, rank * span], "flat"), hint="candidates")
+        count = rank * span
+    if rank == count:
+        return g.op(opposite, candidates, axes=[1], keepdims=1, hint="tau")
+    top, _ = g.op("TopK", candidates, g.ints([rank], "k"), axis=1, largest=int(largest),
+                  sorted=0, outputs=2, hint="top")
+    return g.op(opposite, top, axes=[1], keepdims=1, hint="tau")
+
+
+# -- counting (no TopK) ---------------------------------------------------------------------------
+MIN_EXPONENT, MAX_EXPONENT = -149, 127  # float32: smallest subnormal 2^-149, largest binade 2^127
+EXPONENT_STEPS = 9                      # 2^9 >= 277 binades
+MANTISSA_STEPS = 23
+
+
+def _binade_tables() -> tuple[np.ndarray, np.ndarray]:
+    """2^E and the spacing of float32 values in [2^E, 2^(E+1)), for E = -149 + index
+    (index 0..511; past 2^127 the table holds +inf, which no finite score reaches)."""
+    exponents = np.arange(512) + MIN_EXPONENT
+    valid = exponents <= MAX_EXPONENT
+    base = np.where(valid, np.ldexp(1.0, np.minimum(exponents, MAX_EXPONENT)), np.inf)
+    spacing = np.ldexp(1.0, np.maximum(np.minimum(exponents, MAX_EXPONENT) - 23, MIN_EXPONENT))
+    return base.astype(np.float32), np.where(valid, spacing, np.inf).astype(np.float32)
+
+
+def _count_at_least(g: GraphBuilder, values: str, threshold: str, hint: str) -> str:
+    """``[N, 1]`` float32: how many entries of each row are ``>= threshold`` (``[N, 1]``)."""
+    hits = g.Cast(g.GreaterOrEqual(values, threshold), to=TensorProto.FLOAT, hint=hint)
+    return g.ReduceSum(hits, g.ints([1], "axes"), keepdims=1, hint=hint)
+
+
+def kth_largest_by_counting(g: GraphBuilder, flat: str, size: int | None, q: float) -> str:
+    """``[N, 1]``: the k-th largest of each row, by counting only (no TopK, no sort)."""
+    zero = g.scalar(0.0)
+    if size is not None:
+        k = g.scalar(float(percentile_rank(size, q)), hint="k")
+        m = g.scalar(float(size), hint="m")
+    else:
+        k = g.Cast(dynamic_rank(g, flat, q), to=TensorProto.FLOAT, hint="k")
+        m = g.Cast(g.Gather(g.Shape(flat), g.ints([1], "index"), axis=0), to=TensorProto.FLOAT,
+                   hint="m")
+    ones = g.ints([1], "axes")
+    positive = g.ReduceSum(g.Cast(g.Greater(flat, zero), to=TensorProto.FLOAT), ones,
+                           keepdims=1, hint="positive")
+    non_negative = _count_at_least(g, flat, zero, "non_negative")
+    tau_positive = g.LessOrEqual(k, positive, hint="tau_positive")
+    tau_zero = g.LessOrEqual(k, non_negative, hint="tau_zero")
+    # tau < 0: the (M - k + 1)-th largest of -s among the negative scores
+    negate = g.Not(tau_zero, hint="tau_negative")
+    values = g.Where(negate, g.Neg(flat), flat, hint="magnitudes")
+    rank = g.Where(negate, g.Add(g.Sub(m, k), g.scalar(1.0)), k, hint="rank")
+    found = _rth_largest_positive(g, values, rank)
+    signed = g.Where(negate, g.Neg(found), found, hint="signed")
+    return g.Where(tau_positive, found, g.Where(tau_zero, zero, signed), hint="tau")
+
+
+def _rth_largest_positive(g: GraphBuilder, values: str, rank: str) -> str:
+    """``[N, 1]``: the r-th largest positive entry of each row (when there are ``>= r``)."""
+    base_table, spacing_table = _binade_tables()
+    bases = g.const(base_table, "binade_base")
+    spacings = g.const(spacing_table, "binade_spacing")
+
+    def enough(candidate: str, hint: str) -> str:
+        return g.GreaterOrEqual(_count_at_least(g, values, candidate, hint), rank, hint=hint)
+
+    def lookup(table: str, index: str) -> str:
+        return g.Gather(table, g.Cast(index, to=TensorProto.INT32), axis=0, hint="lookup")
+
+    index = g.const(np.zeros([1, 1], np.float32), "binade")  # 2^-149: every positive is >= it
+    for step in reversed(range(EXPONENT_STEPS)):
+        candidate = g.Add(index, g.scalar(float(2 ** step)), hint="binade")
+        index = g.Where(enough(lookup(bases, candidate), "binade_count"), candidate, index,
+                        hint="binade")
+    base, spacing = lookup(bases, index), lookup(spacings, index)
+    mantissa = g.const(np.zeros([1, 1], np.float32), "mantissa")
+    for step in reversed(range(MANTISSA_STEPS)):
+        candidate = g.Add(mantissa, g.scalar(float(2 ** step)), hint="mantissa")
+        value = g.Add(base, g.Mul(candidate, spacing), hint="candidate")
+        mantissa = g.Where(enough(value, "mantissa_count"), candidate, mantissa, hint="mantissa")
+    return g.Add(base, g.Mul(mantissa, spacing), hint="found")

@@ -1,7 +1,11 @@
-"""Shared pytest set-up: one torch thread, deterministic seeds, and a summary of the largest error
-each oracle saw (printed at the end of the run, so the numbers in reports come from the tests)."""
+"""Shared pytest set-up: one torch thread, deterministic seeds, a summary of the largest error
+each oracle saw (printed at the end of the run, so the numbers in reports come from the tests),
+and the ``--converters`` option: tests marked ``converters`` need the heavy optional frameworks
+(TensorFlow, JAX) and are deselected without it (CI installs them and passes it)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -10,6 +14,32 @@ import torch
 from helpers import ERRORS
 
 torch.set_num_threads(1)
+
+CONVERTER_FRAMEWORKS = ["tensorflow", "keras", "tf2onnx", "jax", "flax", "jax2onnx"]
+CONVERTERS_INSTALL = "pip install -e '.[converters]' && pip install --no-deps jax2onnx==0.17.1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--converters", action="store_true",
+                     help=f"also run the Keras and JAX converter tests ({CONVERTERS_INSTALL})")
+
+
+def pytest_configure(config):
+    """With ``--converters``, a missing framework fails the run at once (never a skip)."""
+    if not config.getoption("--converters"):
+        return
+    missing = [name for name in CONVERTER_FRAMEWORKS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise pytest.UsageError(f"--converters needs {', '.join(missing)}: {CONVERTERS_INSTALL}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--converters"):
+        return
+    heavy = [item for item in items if item.get_closest_marker("converters")]
+    if heavy:
+        items[:] = [item for item in items if not item.get_closest_marker("converters")]
+        config.hook.pytest_deselected(items=heavy)
 
 
 @pytest.fixture

@@ -30,8 +30,16 @@ def rule(*op_types: str):
 
 
 def node_attributes(node: onnx.NodeProto, opset: int) -> dict:
-    """All attributes of the op's schema: the node's value, else the default (None if none)."""
-    schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    """All attributes of the op's schema: the node's value, else the default (None if none).
+
+    Composite activations that the normaliser recognises (normalize.fuse_composites) are named
+    after ops newer than the target opset (Gelu 20, Swish 24, Mish 18): their first schema.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        schema = onnx.defs.get_schema(node.op_type, onnx.defs.onnx_opset_version(),
+                                      node.domain or "")
     values = {}
     for name, spec in schema.attributes.items():
         default = spec.default_value
@@ -93,6 +101,23 @@ class RuleContext:
     def is_active(self, name: str) -> bool:
         return name in self.active
 
+    def rank(self, name: str, node: onnx.NodeProto) -> int:
+        """The rank of ``name``, or a clear error naming the node."""
+        shape = self.shapes.get(name)
+        if shape is None:
+            raise UnsupportedModelError(
+                f"{node.op_type} node {node.name!r}: the backward needs the rank of {name!r}, "
+                "which shape inference could not tell", [(node.op_type, node.name)])
+        return len(shape)
+
+    def dim(self, name: str, axis: int) -> int | str:
+        """Size of ``name`` along ``axis``: an int when static, else an int64 ``[1]`` tensor."""
+        shape = self.shapes.get(name)
+        if shape is not None and isinstance(shape[axis], int):
+            return shape[axis]
+        g = self.g
+        return g.Gather(g.Shape(name), g.ints([axis], "axis"), axis=0, hint="dim")
+
     # -- shared emitting helpers ------------------------------------------------------------
     def unbroadcast(self, grad: str, operand: str, result: str,
                     grad_shape: tuple | None = None) -> str:
@@ -113,6 +138,36 @@ class RuleContext:
             if axes else grad
         return g.reshape_like(summed, operand, hint="unbroadcast")
 
+    def fit_to_shape_of(self, grad: str, like: str, begins: Sequence[int] | str | None = None,
+                        first_axis: int = 2) -> str:
+        """``grad`` cut to the run-time shape of ``like`` on the axes from ``first_axis`` on.
+
+        On each of those axes, the output keeps ``grad[begin : begin + size]`` (``size`` from
+        ``Shape(like)``) and, where ``grad`` is too short, is zero-padded at the end. ``begins``
+        are int offsets or an int64 tensor (one entry per axis; default 0). With
+        ``ConvTranspose(dy, W, pads=begins + [0] * r)`` (no output_padding) this is the
+        input-gradient of a convolution whose spatial sizes are dynamic: windows never reach
+        input positions past the ConvTranspose's end (zero gradient), and positions past the
+        input end (end padding) are cut. Static sizes need no such step (``conv_transpose_geometry``).
+        """
+        g = self.g
+        rank = len(self.shape(like) or self.shape(grad) or ())
+        if rank == 0:
+            raise UnsupportedModelError(f"fit_to_shape_of: unknown rank of {like!r}", [])
+        axes = list(range(first_axis, rank))
+        target = g.Slice(g.Shape(like), g.ints([first_axis], "start"), g.ints([rank], "end"),
+                         hint="target_size")
+        if begins is None:
+            begins = [0] * len(axes)
+        starts = begins if isinstance(begins, str) else g.ints(list(begins), "begins")
+        have = g.Sub(g.Slice(g.Shape(grad), g.ints([first_axis], "start"), g.ints([rank], "end")),
+                     starts, hint="available")
+        short = g.Max(g.Sub(target, have), g.ints([0] * len(axes), "zeros"), hint="shortfall")
+        pads = g.Concat(g.ints([0] * rank, "no_begin_pads"),
+                        g.ints([0] * first_axis, "no_pads"), short, axis=0, hint="pads")
+        padded = g.Pad(grad, pads, hint="padded")
+        return g.Slice(padded, starts, g.Add(starts, target), g.ints(axes, "axes"), hint="fitted")
+
     def ensure_output(self, node: onnx.NodeProto, index: int, hint: str) -> str:
         """The name of the forward node's output ``index``, adding the output if it is unused."""
         while len(node.output) <= index:
@@ -120,6 +175,15 @@ class RuleContext:
         if not node.output[index]:
             node.output[index] = self.g.fresh(hint)
         return node.output[index]
+
+
+def gated(ctx: RuleContext, node: onnx.NodeProto, upstream: str, exact: str,
+          is_relu: bool = False) -> str:
+    """The method's gradient at the activation ``node`` (``y = f(z)``, one input, one output)
+    whose exact vector-Jacobian product is ``exact``."""
+    act = Activation(z=node.input[0], y=node.output[0], upstream=upstream, exact=exact,
+                     is_relu=is_relu)
+    return ctx.method.activation(ctx, act)
 
 
 def unsupported_input(node: onnx.NodeProto, input_index: int, why: str) -> UnsupportedModelError:

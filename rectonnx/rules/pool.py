@@ -9,7 +9,8 @@
   ``dX = ConvTranspose_ones(dY / div)``. ``1 / div[o]`` is computed as
   ``AveragePool(ones)[o] / real[o]`` with ``real[o]`` the number of real (non-padding) positions
   in the window, so the rule agrees with whatever divisor convention the runtime uses for
-  count_include_pad and ceil mode.
+  count_include_pad and ceil mode. With dynamic spatial sizes the counts are computed in the
+  graph (a Conv of ones) and the spread is fitted to ``Shape(X)`` (``RuleContext.fit_to_shape_of``).
 * GlobalAveragePool: ``dX = Expand(dY / (H W), Shape(X))``.
 """
 
@@ -27,6 +28,12 @@ PRR_EPSILON = 1e-10
 def average_pool_transpose(ctx: RuleContext, node, dy: str, x: str, *, kernel, strides, pads,
                            ceil_mode: int, count_include_pad: int) -> str:
     """The exact backward of AveragePool(kernel, strides, pads, ...) applied to ``dy``."""
+    shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
+    if shape is None or out_shape is None or \
+            not all(isinstance(d, int) for d in list(shape[2:]) + list(out_shape[2:])):
+        return _average_pool_transpose_dynamic(ctx, node, dy, x, kernel=kernel, strides=strides,
+                                               pads=pads, ceil_mode=ceil_mode,
+                                               count_include_pad=count_include_pad)
     g = ctx.g
     in_sizes = ctx.static_shape(x, node, slice(2, None))
     out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
@@ -50,11 +57,43 @@ def average_pool_transpose(ctx: RuleContext, node, dy: str, x: str, *, kernel, s
     return g.reshape_like(spread, x, hint="dx")
 
 
+def _average_pool_transpose_dynamic(ctx: RuleContext, node, dy: str, x: str, *, kernel, strides,
+                                    pads, ceil_mode: int, count_include_pad: int) -> str:
+    """``average_pool_transpose`` for dynamic spatial sizes: the same formula, with the window
+    counts computed in the graph (a Conv of ones, extended by ``s - 1`` at the end in ceil mode
+    and cut to the pool's output size) and the spread fitted to ``Shape(X)``."""
+    g = ctx.g
+    rank = len(kernel)
+    spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([rank + 2], "end"))
+    out_spatial = g.Slice(g.Shape(node.output[0]), g.ints([2], "start"),
+                          g.ints([rank + 2], "end"))
+    ones = g.ConstantOfShape(g.Concat(g.ints([1, 1], "one_one"), spatial, axis=0), hint="ones",
+                             value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    per_window = g.AveragePool(ones, kernel_shape=kernel, strides=strides, pads=pads,
+                               ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                               hint="inverse_divisor")
+    ones_kernel = g.const(np.ones([1, 1] + list(kernel), np.float32), "ones_kernel")
+    ceil_extra = [s - 1 if ceil_mode else 0 for s in strides]
+    counted = g.Conv(ones, ones_kernel, kernel_shape=kernel, strides=strides,
+                     pads=list(pads[:rank]) + [e + c for e, c in zip(pads[rank:], ceil_extra)],
+                     hint="real_counts")
+    real = g.Slice(counted, g.ints([0] * rank, "starts"), out_spatial,
+                   g.ints(range(2, rank + 2), "axes"), hint="real_counts")
+    weight = g.Div(per_window, g.Max(real, g.scalar(1.0)), hint="weight")
+    scaled = g.Mul(dy, weight, hint="scaled")
+    per_channel = g.Reshape(scaled, g.Concat(g.ints([-1, 1], "shape"), out_spatial, axis=0),
+                            hint="per_channel")
+    spread = g.ConvTranspose(per_channel, ones_kernel, strides=strides, kernel_shape=kernel,
+                             pads=list(pads[:rank]) + [0] * rank, hint="spread")
+    return g.reshape_like(ctx.fit_to_shape_of(spread, x), x, hint="dx")
+
+
 def _window(ctx, node, x, kernel_shape, strides, pads, auto_pad, dilations=None):
-    in_sizes = ctx.static_shape(x, node, slice(2, None))
-    rank = len(in_sizes)
+    rank = len(kernel_shape)
     strides = list(strides or [1] * rank)
     dilations = list(dilations or [1] * rank)
+    in_sizes = ctx.static_shape(x, node, slice(2, None)) \
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") else [None] * rank
     pads = explicit_pads(auto_pad, pads, in_sizes, kernel_shape, strides, dilations)
     return list(kernel_shape), strides, pads, dilations
 

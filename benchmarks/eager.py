@@ -1,0 +1,89 @@
+"""Eager PyTorch baselines: RectGrad by autograd-function gating, and Captum's GuidedBackprop.
+
+``TorchRectGrad`` swaps every ``nn.ReLU`` of a module for a ReLU whose backward is the paper's
+rule ``R_z = I(y R > tau) R`` with ``tau`` the per-sample q-th percentile of ``y R`` (torch.topk
+per sample, over all non-batch elements; k as in SPEC.md), then returns ``relu(x dS/dx)``. This
+is how one writes RectGrad in PyTorch by hand; it is the speed baseline, and it agrees with
+rectonnx's graph (checked in tests/test_speed_options.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def percentile_rank(m: int, q: float) -> int:
+    return int(np.round(np.float64(m - 1) * (1.0 - np.float64(q) / 100.0))) + 1
+
+
+class _GatedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, q):
+        y = torch.relu(z)
+        ctx.save_for_backward(y)
+        ctx.q = q
+        return y
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (y,) = ctx.saved_tensors
+        scores = (y * upstream).reshape(len(y), -1)
+        k = percentile_rank(scores.shape[1], ctx.q)
+        tau = torch.topk(scores, k, dim=1, largest=True, sorted=False).values.min(dim=1).values
+        keep = scores > tau[:, None]
+        return (upstream.reshape_as(scores) * keep).reshape_as(upstream), None
+
+
+class _RectReLU(nn.Module):
+    def __init__(self, q: float):
+        super().__init__()
+        self.q = q
+
+    def forward(self, z):
+        return _GatedReLU.apply(z, self.q)
+
+
+def _swap_relus(module: nn.Module, q: float) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, _RectReLU(q))
+        else:
+            _swap_relus(child, q)
+    return module
+
+
+class TorchRectGrad:
+    """``TorchRectGrad(net, q)(x, target)`` -> (logits, relu(x dS/dx)) as torch tensors."""
+
+    def __init__(self, net: nn.Module, q: float = 98.0):
+        self.net = _swap_relus(copy.deepcopy(net).eval(), q)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        x = x.detach().requires_grad_(True)
+        logits = self.net(x)
+        if target is None:
+            target = logits.argmax(dim=1)
+        score = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, x)
+        return logits.detach(), torch.relu(x.detach() * grad)
+
+
+class CaptumGuided:
+    """Captum's GuidedBackprop on the predicted class (``target`` given as a tensor)."""
+
+    def __init__(self, net: nn.Module):
+        from captum.attr import GuidedBackprop
+
+        self.net = copy.deepcopy(net).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.method = GuidedBackprop(self.net)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+        return self.method.attribute(x, target=target)

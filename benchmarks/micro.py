@@ -1,0 +1,225 @@
+"""Micro-benchmarks behind rectonnx's graph choices, one onnxruntime session per variant.
+
+    python benchmarks/micro.py [--quick] [--out DIR]
+
+* the per-layer threshold: one TopK over all M scores vs rectonnx's two-stage block selection
+  vs the TopK-free bisection (threshold.py), in ns per score, at ResNet-50 and paper-CNN sizes;
+* a convolution's input gradient: ConvTranspose vs the correlation form rectonnx emits
+  (flipped-kernel Conv for stride 1, polyphase Conv + DepthToSpace for stride 2);
+* the RectGrad gate ``Where(s > tau, R, 0)`` vs ``R * Cast(s > tau)``;
+* MaxPool with and without its Indices output (the exact max-pool backward needs them).
+
+Variants of one case run interleaved, best of ``repeats`` (the least disturbed run) is
+reported: on a shared machine that is the most stable estimate of what each kernel costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from rectonnx.builder import GraphBuilder
+from rectonnx.geometry import conv_transpose_geometry, gradient_correlation
+from rectonnx.rules.linear import conv_backward_as_correlation, correlation_plan
+from rectonnx.threshold import percentile_rank, percentile_threshold
+import rectonnx.threshold as threshold_module
+
+
+def session(nodes, inputs, outputs, initializers=()) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "micro", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def builder_session(build, inputs: dict[str, tuple], output_shape) -> ort.InferenceSession:
+    """A session of the nodes ``build(g)`` emits; ``build`` returns the output's name."""
+    g = GraphBuilder(set(inputs) | {"out"})
+    g.Identity(build(g), outputs=["out"])
+    infos = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+             for name, shape in inputs.items()]
+    return session(g.nodes, infos, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                                  output_shape)],
+                   g.initializers)
+
+
+def best_ms(runs: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Interleaved: each round runs every variant once; the best round per variant, in ms."""
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: min(values) for name, values in times.items()}
+
+
+# -- thresholds ------------------------------------------------------------------------------
+def threshold_session(size: int, q: float, algorithm: str, two_stage: bool = True):
+    saved = threshold_module.BLOCK_SELECT_MIN
+    threshold_module.BLOCK_SELECT_MIN = saved if two_stage else 2 ** 62
+    try:
+        return builder_session(lambda g: percentile_threshold(g, "s", ("N", size), q, algorithm),
+                               {"s": ["N", size]}, ["N", 1])
+    finally:
+        threshold_module.BLOCK_SELECT_MIN = saved
+
+
+def bench_thresholds(quick: bool, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    cases = [(1, 64 * 112 * 112), (1, 256 * 56 * 56), (1, 32 * 32 * 32), (16, 32 * 32 * 32)]
+    if not quick:
+        cases += [(8, 64 * 112 * 112), (8, 1024 * 14 * 14), (64, 32 * 32 * 32)]
+    rows = []
+    for batch, size in cases:
+        y = np.maximum(rng.standard_normal((batch, size)), 0)
+        scores = (y * rng.standard_normal((batch, size))).astype(np.float32)  # ReLU-like
+        variants = {"plain TopK": threshold_session(size, 98.0, "topk", two_stage=False),
+                    "two-stage TopK": threshold_session(size, 98.0, "topk"),
+                    "bisect (no TopK)": threshold_session(size, 98.0, "bisect")}
+        results = {name: s.run(None, {"s": scores})[0] for name, s in variants.items()}
+        reference = -np.sort(-scores, axis=1)[:, percentile_rank(size, 98.0) - 1]
+        exact = all(np.array_equal(r.reshape(-1), reference) for r in results.values())
+        times = best_ms({name: (lambda s=s: s.run(None, {"s": scores}))
+                         for name, s in variants.items()}, repeats)
+        for name, ms in times.items():
+            rows.append(dict(case="threshold q=98", shape=f"N={batch}, M={size}", variant=name,
+                             ms=ms, ns_per_element=ms * 1e6 / (batch * size), exact=exact))
+    return rows
+
+
+# -- convolution input gradients ---------------------------------------------------------------
+CONVS = [  # (c_in, c_out, kernel, stride, pad, n): the forward conv whose dX is computed
+    (3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
+    (128, 128, 3, 2, 1, 56), (256, 512, 1, 2, 0, 56), (256, 256, 3, 1, 1, 14),
+    (32, 32, 3, 1, 1, 32), (64, 64, 3, 1, 1, 16)]
+
+
+def bench_convs(quick: bool, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in ([1] if quick else [1, 8]):
+        for c_in, c_out, k, s, p, n in CONVS:
+            m = (n + 2 * p - k) // s + 1
+            weight = (rng.standard_normal((c_out, c_in, k, k)) * 0.1).astype(np.float32)
+            dy = rng.standard_normal((batch, c_out, m, m)).astype(np.float32)
+            geometry = conv_transpose_geometry([n, n], [m, m], [k, k], [s, s], [1, 1], [p] * 4)
+            dy_info = [helper.make_tensor_value_info("dy", TensorProto.FLOAT, [batch, c_out, m, m])]
+            out_info = [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                      [batch, c_in, n, n])]
+            variants = {"ConvTranspose": session(
+                [helper.make_node("ConvTranspose", ["dy", "w"], ["out"], strides=[s, s],
+                                  pads=geometry.pads, output_padding=geometry.output_padding)],
+                dy_info, out_info, [numpy_helper.from_array(weight, "w")])}
+            axes = [gradient_correlation(n, m, k, s, 1, p)] * 2
+            plan = correlation_plan([n, n], [m, m], [k, k], [s, s], [1, 1], [p] * 4)
+            if axes[0] is not None and s <= k:
+                variants["Conv (correlation form)"] = builder_session(
+                    lambda g: conv_backward_as_correlation(g, "dy", weight, 1, axes, [n, n]),
+                    {"dy": [batch, c_out, m, m]}, [batch, c_in, n, n])
+            outputs = {name: v.run(None, {"dy": dy})[0] for name, v in variants.items()}
+            base = outputs["ConvTranspose"]
+            error = max(float(np.abs(o - base).max() / np.abs(base).max())
+                        for o in outputs.values())
+            times = best_ms({name: (lambda v=v: v.run(None, {"dy": dy}))
+                             for name, v in variants.items()}, repeats)
+            for name, ms in times.items():
+                rows.append(dict(case="conv dX", shape=f"N={batch}, {c_in}<-{c_out}, k{k} s{s} "
+                                 f"p{p}, {n}px", variant=name, ms=ms,
+                                 chosen=(name != "ConvTranspose") == (plan is not None),
+                                 max_rel_diff=error))
+    return rows
+
+
+# -- the gate and max-pool ---------------------------------------------------------------------
+def bench_gate_and_pool(quick: bool, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    shape = [1, 256, 56, 56] if quick else [8, 256, 56, 56]
+    r = rng.standard_normal(shape).astype(np.float32)
+    s = rng.standard_normal(shape).astype(np.float32)
+    tau = np.full([shape[0], 1, 1, 1], 0.5, np.float32)
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)
+            for n, sh in (("r", shape), ("s", shape), ("tau", [shape[0], 1, 1, 1]))]
+    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    variants = {
+        "Where(s > tau, R, 0)": session([helper.make_node("Greater", ["s", "tau"], ["c"]),
+                                         helper.make_node("Where", ["c", "r", "zero"], ["out"])],
+                                        info, out, [zero]),
+        "R * Cast(s > tau)": session([helper.make_node("Greater", ["s", "tau"], ["c"]),
+                                      helper.make_node("Cast", ["c"], ["f"], to=1),
+                                      helper.make_node("Mul", ["r", "f"], ["out"])], info, out)}
+    feeds = {"r": r, "s": s, "tau": tau}
+    assert np.array_equal(*[v.run(None, feeds)[0] for v in variants.values()])
+    for name, ms in best_ms({n: (lambda v=v: v.run(None, feeds)) for n, v in variants.items()},
+                            repeats).items():
+        rows.append(dict(case="gate", shape=str(shape), variant=name, ms=ms))
+    pool_shape = [shape[0], 64, 112, 112]
+    x = rng.standard_normal(pool_shape).astype(np.float32)
+    x_info = [helper.make_tensor_value_info("x", TensorProto.FLOAT, pool_shape)]
+    y_info = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    pools = {"MaxPool": session([helper.make_node("MaxPool", ["x"], ["y"], **attrs)],
+                                x_info, y_info),
+             "MaxPool + Indices": session([helper.make_node("MaxPool", ["x"], ["y", "i"],
+                                                            **attrs)], x_info,
+                                          y_info + [helper.make_tensor_value_info(
+                                              "i", TensorProto.INT64, None)])}
+    for name, ms in best_ms({n: (lambda v=v: v.run(None, {"x": x})) for n, v in pools.items()},
+                            repeats).items():
+        rows.append(dict(case="max-pool 3x3 s2", shape=str(pool_shape), variant=name, ms=ms))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | shape | variant | best ms | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        note = []
+        if "ns_per_element" in r:
+            note.append(f"{r['ns_per_element']:.2f} ns/score" + ("" if r["exact"] else
+                                                                 " NOT EXACT"))
+        if "max_rel_diff" in r:
+            note.append(f"max rel. diff {r['max_rel_diff']:.1e}")
+        if r.get("chosen"):
+            note.append("rectonnx emits this")
+        lines.append(f"| {r['case']} | {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
+                     f"{'; '.join(note)} |")
+    return "\n".join(lines)
+
+
+def run(quick: bool) -> list[dict]:
+    repeats = 5 if quick else 15
+    return (bench_thresholds(quick, repeats) + bench_convs(quick, repeats)
+            + bench_gate_and_pool(quick, repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="directory for micro.md / micro.json")
+    args = parser.parse_args()
+    rows = run(args.quick)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "micro.md").write_text(table + "\n")
+        (out / "micro.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

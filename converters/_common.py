@@ -1,0 +1,34 @@
+"""What every converter shares: importing the framework with an error that says what to install,
+naming the batch axis, and checking and saving the result."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import onnx
+
+
+def require(module: str, install: str):
+    """``import module``, or an ImportError that tells the user how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"this converter needs {module}: {install}") from None
+
+
+def name_batch_axis(model: onnx.ModelProto, name: str = "N") -> None:
+    """Give the first axis of every graph input and output the one symbolic name ``name``."""
+    for info in [*model.graph.input, *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = name
+
+
+def finish(model: onnx.ModelProto, path: str | Path | None) -> onnx.ModelProto:
+    """Check ``model`` with ``onnx.checker``, save it to ``path`` if given, and return it."""
+    onnx.checker.check_model(model)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+    return model

@@ -1,0 +1,247 @@
+"""Scale out on Ray Data: the same job on a laptop or a cluster (``pip install 'rectonnx[ray]'``).
+
+Ray schedules everything; rectonnx only supplies the work per batch, as a callable class that
+``Dataset.map_batches`` runs in an actor pool (``ActorPoolStrategy``), one explainer per CPU or
+GPU slot. Each actor rewrites the model once and keeps its onnxruntime session.
+
+* :func:`explain_dataset` adds ``attribution``, ``logits`` and ``target`` columns to a Ray
+  Dataset whose ``column`` holds preprocessed arrays (``[C, H, W]`` per row, as the model).
+* :func:`explain_images_ray` is ``rectonnx explain --ray``: the driver plans the job exactly as
+  :func:`rectonnx.batch.explain_images` does (resume from the manifest, output names, settings,
+  lock) and appends the manifest; the actors decode, explain and write each image's files
+  atomically. On a cluster the output directory must be on a file system every node sees.
+
+Ray is started here only when it is not running yet: ``address=None`` starts a local instance
+(no dashboard), ``address="auto"`` or ``"ray://host:10001"`` joins a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .batch import (FORMATS, Item, Job, OutputDir, ResultWriter, Summary, _explain_groups,
+                    fit_preprocess_to_model, job_settings, load_item, parse_bytes,
+                    batch_size_for_budget, sidecar)
+from .errors import RectonnxError
+from .images import Preprocess, iter_image_paths
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RectonnxError("Ray is not installed: pip install 'rectonnx[ray]'") from None
+    return ray
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to Ray (a running instance, the cluster at ``address``, or a new local one)."""
+    import logging
+
+    ray = _ray()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # rectonnx reports progress itself
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def _model_bytes(model) -> bytes:
+    """The model as bytes, so actors on other nodes need no copy of the file."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    from .normalize import load_model  # the same clear errors as everywhere else
+
+    return load_model(model).SerializeToString()
+
+
+def _slots(ray, actors: int | None, cpus_per_actor: float, gpus_per_actor: float) -> int:
+    if actors:
+        return actors
+    resources = ray.cluster_resources()
+    if gpus_per_actor:
+        return max(1, int(resources.get("GPU", 0) // gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The rectonnx error inside a Ray task error, if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RectonnxError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+class ExplainerActor:
+    """``map_batches`` callable: preprocessed arrays in ``column`` -> attribution columns."""
+
+    def __init__(self, model: bytes, method: str, options: dict, column: str = "image",
+                 threads: int | None = None):
+        from .runtime import Explainer
+
+        self.column = column
+        self.explainer = Explainer(model, method, threads=threads, **options)
+
+    def __call__(self, batch: dict) -> dict:
+        x = batch[self.column]
+        if x.dtype == object:  # rows of equal shape that Arrow kept as objects
+            x = np.stack(list(x))
+        target = batch.get("target")
+        result = self.explainer.explain(x, target)
+        return {**batch, "attribution": result.attribution, "logits": result.logits,
+                "target": result.target}
+
+
+def explain_dataset(ds, model, method: str = "rectgrad", *, column: str = "image",
+                    q: float = 98.0, tau: float | None = None, padding_trick: bool = False,
+                    prr: bool = False, input_name: str | None = None,
+                    output_name: str | None = None, batch_size: int = 16,
+                    actors: int | None = None, cpus_per_actor: float = 1,
+                    gpus_per_actor: float = 0):
+    """``ds.map_batches`` with an actor pool of explainers; a ``target`` column is used if
+    present (negative = predicted class). Lazy, like every Ray Dataset transform."""
+    ray = _ray()
+    options = dict(q=q, tau=tau, padding_trick=padding_trick, prr=prr, input_name=input_name,
+                   output_name=output_name, batch_size=batch_size)
+    return ds.map_batches(
+        ExplainerActor, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(model=_model_bytes(model), method=method, options=options,
+                                   column=column, threads=max(1, int(cpus_per_actor))),
+        compute=ray.data.ActorPoolStrategy(size=_slots(ray, actors, cpus_per_actor,
+                                                        gpus_per_actor)),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+
+
+class FileJobActor:
+    """``map_batches`` callable of ``explain_images_ray``: paths in, files written, manifest
+    records (JSON text) out. A batch in ``shards`` format becomes one shard file."""
+
+    def __init__(self, model: bytes, method: str, options: dict, preprocess: dict, out_dir: str,
+                 fmt: str, write_png: bool, write_overlay: bool, target: int, classes,
+                 threads: int | None = None, workers: int = 2):
+        from .runtime import Explainer
+
+        self.explainer = Explainer(model, method, threads=threads, **options)
+        self.preprocess = Preprocess.from_dict(preprocess)
+        self.target, self.write_overlay = target, write_overlay
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        output = OutputDir(Path(out_dir))  # the driver holds the lock and made the temp dir
+        self.writer = ResultWriter(output, None, fmt=fmt, shard_size=1 << 30,
+                                   layout=self.preprocess.layout, method=method,
+                                   classes=classes, write_png=write_png,
+                                   write_overlay=write_overlay,
+                                   shard_name=lambda: f"shard-{uuid.uuid4().hex[:16]}.npz")
+
+    def __call__(self, batch: dict) -> dict:
+        items = [Item(Path(p), str(k), str(n))
+                 for p, k, n in zip(batch["path"], batch["key"], batch["name"])]
+        loaded = list(self.pool.map(
+            lambda item: load_item(item, self.preprocess, self.write_overlay), items))
+        good = [(item, r) for item, r in zip(items, loaded) if not isinstance(r, str)]
+        failed = [json.dumps({"input": item.key, "error": r})
+                  for item, r in zip(items, loaded) if isinstance(r, str)]
+        records = []
+        for item, display, attribution, logits, chosen in _explain_groups(
+                self.explainer, good, self.target):
+            records += self.writer.add(item, attribution, logits, chosen, display)
+        records += self.writer.flush()
+        rows = [json.dumps(r) for r in records]
+        return {"record": np.array(rows + [""] * len(failed), dtype=object),
+                "failure": np.array([""] * len(rows) + failed, dtype=object)}
+
+
+def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, method="rectgrad",
+                       q=98.0, tau=None, padding_trick=False, prr=False, input_name=None,
+                       output_name=None, target=-1, batch_size=16, memory_budget=None,
+                       fmt="npy", shard_size=None, write_png=True, write_overlay=True,
+                       address=None, actors=None, cpus_per_actor=1, gpus_per_actor=0,
+                       progress=True) -> Summary:
+    """:func:`rectonnx.batch.explain_images` on Ray (same outputs, manifest and resume).
+
+    ``shard_size`` is ignored: with ``fmt="shards"`` each Ray batch (``batch_size`` images)
+    becomes one ``shard-<id>.npz``.
+    """
+    from tqdm import tqdm
+
+    from .runtime import Explainer
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    ray = _ray()
+    paths = iter_image_paths(sources)
+    data = _model_bytes(model)
+    options = dict(q=q, tau=tau, padding_trick=padding_trick, prr=prr, input_name=input_name,
+                   output_name=output_name, batch_size=batch_size)
+    probe = Explainer(data, method, providers=["CPUExecutionProvider"], **options)
+    probe.check_target(target, 1)  # clear errors here, before any actor starts
+    budget = parse_bytes(memory_budget)
+    if budget is not None:
+        batch_size = min(batch_size, batch_size_for_budget(probe.graph, budget))
+    preprocess = fit_preprocess_to_model(preprocess, probe.input_shape)
+    del probe
+    settings = job_settings(model, method=method, q=q, tau=tau, padding_trick=padding_trick,
+                            prr=prr, input_name=input_name, output_name=output_name,
+                            target=target, preprocess=preprocess, fmt=fmt)
+    summary = Summary(Path(out_dir), device="Ray")
+    started = time.perf_counter()
+    with Job(out_dir, paths, settings, fmt=fmt, write_png=write_png,
+             write_overlay=write_overlay) as job:
+        summary.resumed = job.resumed
+        if not job.items:
+            summary.seconds = time.perf_counter() - started
+            return summary
+        ensure_ray(address)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        size = _slots(ray, actors, cpus_per_actor, gpus_per_actor)
+        summary.device = f"Ray, {size} actor(s)"
+        rows = [{"path": str(i.path), "key": i.key, "name": i.name} for i in job.items]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(
+            len(rows), size * 4, -(-len(rows) // batch_size))))
+        ds = ds.map_batches(
+            FileJobActor, batch_size=batch_size, batch_format="numpy",
+            fn_constructor_kwargs=dict(
+                model=data, method=method, options=options, preprocess=preprocess.to_dict(),
+                out_dir=str(job.output.root.resolve()), fmt=fmt, write_png=write_png,
+                write_overlay=write_overlay, target=target,
+                classes=sidecar(model).get("classes"), threads=max(1, int(cpus_per_actor))),
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+        bar = tqdm(total=len(rows), unit="img", desc=f"{method} (ray)", disable=not progress,
+                   smoothing=0.1)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                records = [json.loads(r) for r in batch["record"] if r]
+                failures = [json.loads(f) for f in batch["failure"] if f]
+                job.manifest.append(records)
+                job.record_failures([(Item(Path(f["input"]), f["input"], ""), f["error"])
+                                     for f in failures], summary)
+                bar.update(len(records) + len(failures))
+        except Exception as exc:
+            inner = _unwrap(exc)
+            if inner is None or inner is exc:
+                raise
+            raise type(inner)(str(inner)) from None
+        finally:
+            bar.close()
+        summary.explained = job.manifest.appended
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -5,11 +5,10 @@
 
 skl2onnx writes two outputs, ``label`` and ``probabilities`` (a ZipMap of them unless disabled,
 as here); only ``probabilities`` (``Softmax`` of the last layer) is kept, so ``rectonnx`` strips
-the Softmax and its ``logits`` are the MLP's pre-softmax scores. The no-op ``Cast`` of the float
-input that skl2onnx puts in front is removed. The input is ``float32 [N, n_features_in_]`` and the
-attribution has the same shape (one value per feature). Binary classifiers (one logistic output
-unit) are refused: their probabilities are ``[1 - p, p]``, not a Softmax of scores. Hidden
-activations: ``relu`` and ``identity``, and ``tanh``/``logistic`` once rectonnx has those rules.
+the Softmax and its ``logits`` are the MLP's pre-softmax scores. The input is ``float32
+[N, n_features_in_]`` and the attribution has the same shape (one value per feature). Any hidden
+activation works (relu, tanh, logistic, identity). Binary classifiers (one logistic output unit)
+are refused: their probabilities are ``[1 - p, p]``, not a Softmax of scores.
 Needs skl2onnx (the ``sklearn`` extra: ``pip install 'rectonnx[sklearn]'``).
 """
 
@@ -19,9 +18,6 @@ from pathlib import Path
 
 import onnx
 import onnx.utils
-from onnx import TensorProto
-
-from rectonnx.normalize import rename_tensor
 
 from ._common import finish, name_batch_axis, require
 
@@ -50,16 +46,6 @@ def export(classifier, path: str | Path | None = None, *, input_name: str = "inp
     proto = skl2onnx.to_onnx(classifier, initial_types=types, target_opset=opset,
                              options={id(classifier): {"zipmap": False}})
     proto = onnx.utils.Extractor(proto).extract_model([input_name], [SCORES])
-    _drop_input_cast(proto.graph, input_name)
     name_batch_axis(proto)
     return finish(proto, path)
 
-
-def _drop_input_cast(graph: onnx.GraphProto, input_name: str) -> None:
-    """Remove ``Cast(input, to=FLOAT)``: the input is already float32."""
-    for node in graph.node:
-        if node.op_type == "Cast" and list(node.input) == [input_name] and \
-                node.attribute[0].i == TensorProto.FLOAT:
-            graph.node.remove(node)
-            rename_tensor(graph, node.output[0], input_name)
-            return

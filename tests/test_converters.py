@@ -63,8 +63,9 @@ def test_pytorch_saliency_matches_autograd(tmp_path):
 # -- Keras 3 / TensorFlow ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keras_cnn():
-    """An NHWC CNN as plain layers, a ``forward(x, relu)`` over them, and the keras.Model of
-    ``forward`` with ``keras.ops.relu``: the same weights run with any ReLU."""
+    """An NHWC CNN as plain layers, a ``forward(x, relu)`` over them (the scores), and the
+    keras.Model ``softmax(forward)`` with ``keras.ops.relu``: the same weights run with any ReLU,
+    and rectonnx must strip the softmax."""
     import keras
     from keras import layers
 
@@ -81,7 +82,7 @@ def keras_cnn():
         return flat_head(layers.Flatten()(h)) + gap_head(layers.GlobalAveragePooling2D()(h))
 
     inputs = keras.Input((8, 8, 3))
-    model = keras.Model(inputs, forward(inputs, keras.ops.relu))
+    model = keras.Model(inputs, keras.ops.softmax(forward(inputs, keras.ops.relu)))
     bn.set_weights([rng.uniform(0.5, 2.0, 6), rng.uniform(-0.2, 0.2, 6),
                     rng.uniform(-0.2, 0.2, 6), rng.uniform(0.5, 2.0, 6)])
     return model, forward, keras_converter.export(model)
@@ -219,39 +220,43 @@ def fit_quietly(classifier, x, y):
         return classifier.fit(x, y)
 
 
-@pytest.fixture(scope="module")
-def mlp():
+def mlp(activation: str = "relu"):
     from sklearn.datasets import make_classification
     from sklearn.neural_network import MLPClassifier
 
     x, y = make_classification(300, 6, n_informative=5, n_redundant=0, n_classes=4,
                                random_state=0)
-    classifier = fit_quietly(MLPClassifier((16, 8), max_iter=50, random_state=0), x, y)
-    return classifier, x[:20].astype(np.float32)
+    classifier = MLPClassifier((16, 8), activation=activation, max_iter=50, random_state=0)
+    return fit_quietly(classifier, x, y), x[:20].astype(np.float32)
 
 
 def mlp_scores(classifier, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's pre-softmax scores from its own weights (ReLU hidden layers)."""
+    """The MLP's pre-softmax scores, from its own weights and activation."""
+    activation = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid,
+                  "identity": lambda v: v}[classifier.activation]
     weights = [(torch.from_numpy(w), torch.from_numpy(b))
                for w, b in zip(classifier.coefs_, classifier.intercepts_)]
     for w, b in weights[:-1]:
-        x = torch.relu(x @ w + b)
+        x = activation(x @ w + b)
     return x @ weights[-1][0] + weights[-1][1]
 
 
-def test_sklearn_mlp_saliency_matches_autograd_of_its_scores(mlp, tmp_path):
-    classifier, x = mlp
+@pytest.mark.parametrize("activation", ["relu", "tanh", "logistic"])
+def test_sklearn_mlp_saliency_matches_autograd_of_its_scores(activation, tmp_path):
+    classifier, x = mlp(activation)
     assert_dynamic_batch(sklearn_converter.export(classifier, tmp_path / "mlp.onnx"))
     inputs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     scores = mlp_scores(classifier, inputs)
     assert_close(torch.softmax(scores, 1).detach(), classifier.predict_proba(x),
-                 "sklearn: rebuilt MLP vs predict_proba")
+                 "sklearn: rebuilt MLP vs predict_proba", where=activation)
     target = np.arange(len(x)) % 4
     logits, attribution = explain(str(tmp_path / "mlp.onnx"), x, target)
     scores[torch.arange(len(x)), torch.from_numpy(target)].sum().backward()
     assert attribution.shape == x.shape  # one value per feature
-    assert_close(logits, scores.detach(), "sklearn converter: logits vs MLP scores")
-    assert_close(attribution, inputs.grad, "sklearn converter vs torch autograd (MLP)")
+    assert_close(logits, scores.detach(), "sklearn converter: logits vs MLP scores",
+                 where=activation)
+    assert_close(attribution, inputs.grad, "sklearn converter vs torch autograd (MLP)",
+                 where=activation)
 
 
 def test_sklearn_refuses_binary_and_unfitted_classifiers():
@@ -265,17 +270,17 @@ def test_sklearn_refuses_binary_and_unfitted_classifiers():
 
 
 # -- errors --------------------------------------------------------------------------------------
-def test_wrong_objects_are_type_errors(mlp):
+def test_wrong_objects_are_type_errors():
     with pytest.raises(TypeError, match="torch.nn.Module"):
-        pytorch_converter.export(mlp[0], None)
+        pytorch_converter.export(np.zeros(3), None)
     with pytest.raises(TypeError, match="MLPClassifier"):
         sklearn_converter.export(nn.Linear(2, 2))
 
 
 @converters
-def test_wrong_objects_are_type_errors_keras_and_jax(mlp):
+def test_wrong_objects_are_type_errors_keras_and_jax():
     with pytest.raises(TypeError, match="keras.Model"):
-        keras_converter.export(mlp[0])
+        keras_converter.export(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="JAX function"):
         jax_converter.export(np.zeros(3), (3,))
 

@@ -1,20 +1,40 @@
-"""Time the shipped models: onnxruntime inference vs. each method's explainer graph.
+"""rectonnx speed and memory, side by side with onnxruntime inference, eager PyTorch and Captum.
 
-    python benchmarks/bench.py [--quick] [--out DIR]
+    python benchmarks/bench.py [--quick] [--out DIR] [--models paper_cnn,resnet50] [--micro]
 
-Prints a Markdown table (median milliseconds per batch and per image, and the ratio to plain
-inference) and writes ``bench.md`` and ``bench.json`` with the machine and versions. Numbers are
-reported, never asserted. Blocks are separated by a pause because onnxruntime's worker threads
-keep spinning for a moment after a run.
+Builds the models with random weights (benchmarks/nets.py: the paper's CIFAR CNN and
+ResNet-50, 224 px), exports them to ONNX and measures, per model and batch size:
+
+* onnxruntime inference of the exported model (the reference: ratio 1.0);
+* rectonnx explainer graphs: saliency, guided backprop, RectGrad q = 98 (threshold "topk" and the
+  TensorRT-safe "bisect"), run by ``rectonnx.Explainer`` (IO binding);
+* eager PyTorch: the forward pass, RectGrad by autograd-function gating with torch.topk
+  (benchmarks/eager.py), and Captum's GuidedBackprop;
+* (full mode) the optimisations one at a time, each switched back to its old form in an
+  otherwise identical graph: plain TopK, ConvTranspose backward, ``Where`` gate, no IO binding;
+* peak memory (RSS) of one attribution run in a fresh subprocess per contender;
+* how onnxruntime optimises the graph (nodes before/after, fused and NCHWc convolutions).
+
+Timing: every contender of a (model, batch) runs once per round, rounds interleaved, so machine
+noise hits all alike; the median over rounds is reported (and the best). onnxruntime sessions
+are created with ``session.intra_op.allow_spinning = 0``: spinning worker threads otherwise steal
+the CPU from the PyTorch call that follows (up to 60x slower on 2 cores); a short pause separates
+contenders. Numbers are reported, never asserted: ``--quick`` (CI) takes well under a minute.
+Writes ``bench.md`` and ``bench.json`` (with machine, versions and load average) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,90 +42,503 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-import rectonnx
-from rectonnx import models
-from rectonnx.runtime import make_session
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-METHODS = [("saliency", {}), ("guided_backprop", {}), ("rectgrad", {"q": 98.0}),
-           ("rectgrad", {"q": 98.0, "padding_trick": True, "prr": True})]
+import rectonnx  # noqa: E402
+from rectonnx.runtime import Explainer, make_session  # noqa: E402
+
+PAUSE_S = 0.02  # between contenders: lets PyTorch's OpenMP threads go to sleep
+Q = 98.0
 
 
-def median_ms(run, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
+# -- timing ----------------------------------------------------------------------------------------
+CPU_TIMES: dict[str, list[float]] = {}  # CPU ms (all threads) of the last interleaved() call
+
+
+def interleaved(contenders: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Wall milliseconds per call of each contender, ``rounds`` interleaved rounds after warm-up.
+
+    The process CPU time of each call (all threads, ms) goes to ``CPU_TIMES``: on a busy
+    machine it still measures the work done, where wall time also counts waiting for a core.
+    """
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    CPU_TIMES.clear()
+    CPU_TIMES.update({name: [] for name in contenders})
+    for round_index in range(warmup + rounds):
+        for name, run in contenders.items():
+            cpu_started, started = time.process_time(), time.perf_counter()
+            run()
+            elapsed = (time.perf_counter() - started) * 1000
+            cpu = (time.process_time() - cpu_started) * 1000
+            if round_index >= warmup:
+                times[name].append(elapsed)
+                CPU_TIMES[name].append(cpu)
+            time.sleep(PAUSE_S)
+    return times
+
+
+# -- contenders ------------------------------------------------------------------------------------
+def ort_session(model: onnx.ModelProto):
+    return make_session(model, ["CPUExecutionProvider"], spinning=False)
+
+
+def explainer(model: onnx.ModelProto, method: str, **options) -> Explainer:
+    return Explainer(model, method, providers=["CPUExecutionProvider"], batch_size=1 << 20,
+                     spinning=False, **options)
+
+
+def torch_contenders(net, x: np.ndarray, target: np.ndarray) -> dict:
+    import torch
+
+    from eager import CaptumGuided, TorchRectGrad
+
+    inputs = torch.from_numpy(x)
+    classes = torch.from_numpy(target)
+    rect = TorchRectGrad(net, Q)
+    found = {"torch inference": lambda: _no_grad(net, inputs),
+             "torch RectGrad (eager)": lambda: rect(inputs, classes)}
+    try:
+        guided = CaptumGuided(net)
+        found["Captum GuidedBackprop"] = lambda: guided(inputs, classes)
+    except ImportError:  # captum not installed: report the rest
+        pass
+    return found
+
+
+def _no_grad(net, inputs):
+    import torch
+
+    with torch.no_grad():
+        return net(inputs)
+
+
+EXPLAINERS = [("saliency", "saliency", {}),
+              ("guided_backprop", "guided_backprop", {}),
+              ("rectgrad", "rectgrad", {"q": Q}),
+              ("rectgrad (bisect)", "rectgrad", {"q": Q, "threshold": "bisect"})]
+
+
+def bench_speed(name: str, net, model, shape, batches, rounds: int, warmup: int,
+                with_torch: bool = True, explainers=EXPLAINERS,
+                graphs: dict | None = None) -> list[dict]:
+    """Speed rows; the explainer graphs built go into ``graphs`` (label -> ModelProto)."""
+    import warnings
+
+    forward = ort_session(model)
+    input_name = model.graph.input[0].name
+    built = {}
+    for label, method, options in explainers:
         started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1000)
-    time.sleep(0.5)
-    return statistics.median(times)
-
-
-def bench_model(name: str, batches: list[int], repeats: int) -> list[dict]:
-    path = models.path(name)
-    source = onnx.load(str(path))
-    shape = [d.dim_value for d in source.graph.input[0].type.tensor_type.shape.dim[1:]]
-    forward = make_session(source, ["CPUExecutionProvider"])
-    input_name = source.graph.input[0].name
+        made = explainer(model, method, **options)
+        built[label] = (made, time.perf_counter() - started)
+        if graphs is not None:
+            graphs[label] = made.graph
     rows = []
-    rng = np.random.default_rng(0)
-    explainers = []
-    for method, options in METHODS:
-        started = time.perf_counter()
-        graph = rectonnx.rewrite(path, method, **options)
-        rewrite_s = time.perf_counter() - started
-        explainers.append((method, options, graph, rewrite_s,
-                           make_session(graph, ["CPUExecutionProvider"])))
     for batch in batches:
-        x = rng.standard_normal([batch] + shape).astype(np.float32)
-        target = np.full(batch, -1, np.int64)
-        base = median_ms(lambda: forward.run(None, {input_name: x}), repeats)
-        rows.append(dict(model=name, batch=batch, method="inference", options={},
-                         ms=base, ms_per_image=base / batch, ratio=1.0,
-                         nodes=len(source.graph.node)))
-        for method, options, graph, rewrite_s, session in explainers:
-            ms = median_ms(lambda: session.run(None, {input_name: x, "target": target}), repeats)
-            rows.append(dict(model=name, batch=batch, method=method, options=options, ms=ms,
-                             ms_per_image=ms / batch, ratio=ms / base,
-                             nodes=len(graph.graph.node), rewrite_s=rewrite_s))
+        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        logits = forward.run(None, {input_name: x})[0]
+        target = logits.argmax(axis=1).astype(np.int64)
+        contenders = {"onnxruntime inference": lambda: forward.run(None, {input_name: x})}
+        for label, (made, _) in built.items():
+            contenders[f"rectonnx {label}"] = lambda made=made: made.explain(x, target)
+        if with_torch:
+            contenders.update(torch_contenders(net, x, target))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Captum's hook warnings
+            times = interleaved(contenders, rounds, warmup)
+        reference = statistics.median(times["onnxruntime inference"])
+        cpu_reference = statistics.median(CPU_TIMES["onnxruntime inference"])
+        for contender, values in times.items():
+            median = statistics.median(values)
+            cpu = statistics.median(CPU_TIMES[contender])
+            row = dict(model=name, batch=batch, contender=contender, ms=median,
+                       best_ms=min(values), ms_per_image=median / batch,
+                       x_inference=median / reference, cpu_ms=cpu,
+                       cpu_x_inference=cpu / cpu_reference, rounds=len(values))
+            label = contender.removeprefix("rectonnx ")
+            if label in built:
+                row["nodes"] = len(built[label][0].graph.graph.node)
+                row["setup_s"] = built[label][1]
+            rows.append(row)
     return rows
 
 
-def label(row: dict) -> str:
-    extras = [k for k, v in row["options"].items() if v is True]
-    return row["method"] + (f" ({', '.join(extras)})" if extras else "")
+def bench_shipped(rounds: int, warmup: int) -> list[dict]:
+    """The shipped ONNX models (rectonnx.models), where present: onnxruntime only."""
+    try:
+        from rectonnx import models
+    except ImportError:
+        return []
+    rows = []
+    for name in (models.PAPER_CNN, models.EFFICIENTNET_LITE0):
+        try:
+            model = onnx.load(str(models.path(name)))
+        except FileNotFoundError:
+            continue
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        shape = tuple(d.dim_value for d in dims[1:])
+        batches = [1, 8] if dims[0].dim_value in (0, None) else [dims[0].dim_value]
+        rows += bench_speed(f"{name} (shipped)", None, model, shape, batches, rounds, warmup,
+                            with_torch=False, explainers=EXPLAINERS[:3])
+    return rows
 
 
-def markdown(rows: list[dict], machine: str) -> str:
-    lines = [f"Machine: {machine}", "",
-             "| model | batch | graph | nodes | ms / batch | ms / image | x inference |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {label(r)} | {r['nodes']} | "
-                     f"{r['ms']:.1f} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |")
+# -- the optimisations one at a time ---------------------------------------------------------------
+def legacy_threshold(g, scores, shape, q, algorithm="topk"):
+    """rectonnx's first threshold: one sorted TopK over all M scores, then ReduceMin."""
+    from rectonnx.threshold import percentile_rank
+
+    rank = len(shape)
+    flat = g.Reshape(scores, g.ints([0, -1], "per_sample"), hint="scores_flat")
+    k = g.ints([percentile_rank(int(np.prod(shape[1:])), q)], "k")
+    top, _ = g.op("TopK", flat, k, axis=1, largest=1, sorted=1, outputs=2, hint="top")
+    tau = g.ReduceMin(top, axes=[1], keepdims=1, hint="tau")
+    return g.Reshape(tau, g.ints([-1] + [1] * (rank - 1), "broadcast"), hint="tau")
+
+
+def legacy_gate(q, tau, threshold="topk"):
+    """rectonnx's first gate: ``Where(y R > tau, R, 0)``."""
+    import rectonnx.methods as methods
+
+    def gate(ctx, act):
+        g = ctx.g
+        scores = g.Mul(act.y, act.upstream, hint="importance")
+        cut = methods.percentile_threshold(g, scores, ctx.shape(act.y), q, threshold)
+        passed = act.upstream if act.is_relu else act.exact
+        return g.Where(g.Greater(scores, cut), passed, g.scalar(0.0), hint="rectgrad")
+    return gate
+
+
+@contextlib.contextmanager
+def switched_off(*features: str):
+    """Rewrite with the named optimisations replaced by what rectonnx did before them."""
+    import rectonnx.methods as methods
+    import rectonnx.rules.linear as linear
+
+    saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan)
+    try:
+        if "threshold" in features:
+            methods.percentile_threshold = legacy_threshold
+        if "gate" in features:
+            methods.rectified_gate = legacy_gate
+        if "conv" in features:
+            linear.flipped_kernel_plan = lambda *args: None
+        yield
+    finally:
+        methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan = saved
+
+
+ABLATIONS = [
+    ("all optimisations", (), True),
+    ("plain sorted TopK threshold (was)", ("threshold",), True),
+    ("ConvTranspose backward (was)", ("conv",), True),
+    ("Where gate (was)", ("gate",), True),
+    ("no IO binding (was)", (), False),
+    ("none: the first rectonnx graph", ("threshold", "conv", "gate"), False),
+]
+
+
+def bench_ablation(name: str, model, shape, batch: int, rounds: int, warmup: int) -> list[dict]:
+    forward = ort_session(model)
+    input_name = model.graph.input[0].name
+    x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+    target = forward.run(None, {input_name: x})[0].argmax(axis=1).astype(np.int64)
+    contenders, graphs = {"onnxruntime inference": lambda: forward.run(None, {input_name: x})}, {}
+    for label, features, binding in ABLATIONS:
+        with switched_off(*features):
+            made = explainer(model, "rectgrad", q=Q, io_binding=binding)
+        graphs[label] = made.graph
+        contenders[label] = lambda made=made: made.explain(x, target)
+    reference_map = contenders["all optimisations"]().attribution
+    times = interleaved(contenders, rounds, warmup)
+    reference = statistics.median(times["onnxruntime inference"])
+    full = statistics.median(times["all optimisations"])
+    rows = []
+    for label, values in times.items():
+        median = statistics.median(values)
+        row = dict(model=name, batch=batch, variant=label, ms=median, best_ms=min(values),
+                   x_inference=median / reference, vs_all=median / full)
+        if label in graphs:
+            made_map = contenders[label]().attribution
+            row["same_attribution"] = bool(np.allclose(made_map, reference_map, rtol=1e-4,
+                                                       atol=1e-6 * np.abs(reference_map).max()))
+            row["nodes"] = len(graphs[label].graph.node)
+            row["file_mb"] = graphs[label].ByteSize() / 2 ** 20
+        rows.append(row)
+    return rows
+
+
+# -- onnxruntime's graph optimisations ----------------------------------------------------------
+def ort_optimisations(name: str, model: onnx.ModelProto, graph: onnx.ModelProto) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(graph.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in optimized.graph.node:
+        key = f"{node.domain + ':' if node.domain else ''}{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    fused = sum(1 for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv") and any(
+        a.name == "activation" for a in n.attribute))
+    standard = {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}
+    return dict(model=name, nodes=len(graph.graph.node), optimized_nodes=len(optimized.graph.node),
+                optimized_ops=ops, convs_with_fused_activation=fused,
+                nchwc_nodes=sum(v for k, v in ops.items() if "nchwc" in k),
+                standard_onnx_only=standard, file_mb=graph.ByteSize() / 2 ** 20,
+                source_file_mb=model.ByteSize() / 2 ** 20)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def probe(kind: str, model_dir: str, name: str, batch: int) -> None:
+    """Child process: set up one contender, run one attribution, print peak RSS as JSON.
+
+    Peak RSS is the kernel's high-water mark ``VmHWM`` of this process (``ru_maxrss`` would
+    carry the parent's peak over the fork)."""
+
+    def status_mb(field: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    target = np.zeros(batch, np.int64)
+    if kind.startswith("rectonnx"):  # no torch in this process
+        budget = float(kind.split(":")[1]) if ":" in kind else None
+        made = Explainer.from_graph(Path(model_dir) / f"{name}_rectgrad.onnx",
+                                    providers=["CPUExecutionProvider"], batch_size=batch,
+                                    memory_budget_mb=budget)
+        x = np.random.default_rng(0).standard_normal(
+            (batch, *made.input_shape[1:])).astype(np.float32)
+        run = lambda: made.explain(x, target)  # noqa: E731
+        extra = {"chunk": made.batch_size}
+    else:
+        import torch
+
+        import nets
+        from eager import CaptumGuided, TorchRectGrad
+
+        x = nets.random_batch(nets.MODELS[name][1], batch)
+        net = nets.MODELS[name][0](calibrate=False) if name == "resnet50" else \
+            nets.MODELS[name][0]()
+        net.load_state_dict(torch.load(Path(model_dir) / f"{name}.pt"))
+        method = TorchRectGrad(net, Q) if kind == "torch" else CaptumGuided(net)
+        del net
+        inputs, classes = torch.from_numpy(x), torch.from_numpy(target)
+        run = lambda: method(inputs, classes)  # noqa: E731
+        extra = {}
+    import gc
+    gc.collect()
+    before = status_mb("VmRSS")
+    setup_peak = status_mb("VmHWM")
+    run()
+    print(json.dumps(dict(kind=kind, before_mb=before, setup_peak_mb=setup_peak,
+                          peak_mb=status_mb("VmHWM"), **extra)))
+
+
+def bench_memory(name: str, net, graph, batch: int, budget_mb: float | None,
+                 kinds=("rectonnx", "torch", "captum")) -> list[dict]:
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(graph, str(Path(tmp) / f"{name}_rectgrad.onnx"))
+        torch.save(net.state_dict(), Path(tmp) / f"{name}.pt")
+        for kind in list(kinds) + ([f"rectonnx:{budget_mb}"] if budget_mb else []):
+            done = subprocess.run([sys.executable, __file__, "--probe", kind, tmp, name,
+                                   str(batch)], capture_output=True, text=True, cwd=HERE.parent)
+            if done.returncode != 0:
+                rows.append(dict(model=name, batch=batch, contender=kind,
+                                 error=done.stderr.strip().splitlines()[-1:]))
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            label = {"rectonnx": "rectonnx RectGrad (Explainer)", "torch": "torch RectGrad (eager)",
+                     "captum": "Captum GuidedBackprop"}.get(kind, f"rectonnx RectGrad, "
+                                                                  f"memory_budget_mb={budget_mb}")
+            rows.append(dict(model=name, batch=batch, contender=label,
+                             peak_mb=result["peak_mb"], setup_peak_mb=result["setup_peak_mb"],
+                             before_run_mb=result["before_mb"],
+                             run_growth_mb=result["peak_mb"] - result["before_mb"],
+                             chunk=result.get("chunk")))
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+def machine() -> dict:
+    import numpy
+    info = dict(python=platform.python_version(), platform=platform.platform(),
+                machine=platform.machine(), cores=os.cpu_count(), onnx=onnx.__version__,
+                onnxruntime=ort.__version__, numpy=numpy.__version__,
+                rectonnx=getattr(rectonnx, "__version__", "dev"),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                               if line.startswith("model name"))
+        with open("/proc/meminfo") as meminfo:
+            info["memory_gb"] = round(int(meminfo.readline().split()[1]) / 2 ** 20, 1)
+    except (OSError, StopIteration):
+        pass
+    for package in ("torch", "captum"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Machine: {m.get('cpu', m['machine'])}, {m['cores']} cores, "
+             f"{m.get('memory_gb', '?')} GB; Python {m['python']}, onnxruntime "
+             f"{m['onnxruntime']} (CPUExecutionProvider), onnx {m['onnx']}, torch {m['torch']}, "
+             f"captum {m['captum']}; {m['date']}. Load average before/after: "
+             f"{report['load_before']} / {report['load_after']}.", ""]
+    lines += ["### Speed (median over interleaved rounds; CPU ms = process CPU time, all threads)",
+              "", "| model | batch | contender | ms | best ms | ms / image | x inference | "
+              "CPU ms | CPU x inference |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["speed"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['contender']} | {r['ms']:.1f} | "
+                     f"{r['best_ms']:.1f} | {r['ms_per_image']:.2f} | {r['x_inference']:.2f} | "
+                     f"{r['cpu_ms']:.1f} | {r['cpu_x_inference']:.2f} |")
+    if report["goals"]:
+        lines += ["", "### Goals (wall: median time; CPU: median process CPU time)", "",
+                  "| model | batch | goal | time | value | holds |", "|---|---|---|---|---|---|"]
+        for g in report["goals"]:
+            lines.append(f"| {g['model']} | {g['batch']} | {g['goal']} | {g['unit']} | "
+                         f"{g['value']:.2f} | {'yes' if g['holds'] else 'no'} |")
+    if report["ablation"]:
+        lines += ["", "### Each optimisation switched back to its old form (RectGrad q=98)", "",
+                  "| model | batch | graph | ms | x inference | x all optimisations | nodes | "
+                  "file MB | same map |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["ablation"]:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | "
+                         f"{r['x_inference']:.2f} | {r['vs_all']:.2f} | {r.get('nodes', '')} | "
+                         f"{r['file_mb']:.1f} | {r.get('same_attribution', '')} |"
+                         if "file_mb" in r else
+                         f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | "
+                         f"{r['x_inference']:.2f} | {r['vs_all']:.2f} | | | |")
+    if report["memory"]:
+        lines += ["", "### Peak memory of one attribution run (fresh process each)", "",
+                  "| model | batch | contender | peak RSS MB | peak before the run MB | "
+                  "RSS before the run MB | growth in the run MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["memory"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['contender']} | error: "
+                             f"{r['error']} | | | |")
+                continue
+            chunk = f" (chunks of {r['chunk']})" if r.get("chunk") and r["chunk"] < r["batch"] \
+                else ""
+            lines.append(f"| {r['model']} | {r['batch']} | {r['contender']}{chunk} | "
+                         f"{r['peak_mb']:.0f} | {r['setup_peak_mb']:.0f} | "
+                         f"{r['before_run_mb']:.0f} | {r['run_growth_mb']:.0f} |")
+    if report["onnxruntime"]:
+        lines += ["", "### onnxruntime graph optimisations on the RectGrad graph", "",
+                  "| model | nodes | after onnxruntime | convs with fused activation | "
+                  "NCHWc nodes | standard ONNX only | file MB (source) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["onnxruntime"]:
+            lines.append(f"| {r['model']} | {r['nodes']} | {r['optimized_nodes']} | "
+                         f"{r['convs_with_fused_activation']} | {r['nchwc_nodes']} | "
+                         f"{r['standard_onnx_only']} | {r['file_mb']:.1f} "
+                         f"({r['source_file_mb']:.1f}) |")
+    if report.get("micro"):
+        from micro import markdown as micro_markdown
+        lines += ["", "### Micro-benchmarks (benchmarks/micro.py, best of interleaved runs)", "",
+                  micro_markdown(report["micro"])]
     return "\n".join(lines)
 
 
-def main() -> None:
+def goals(speed: list[dict]) -> list[dict]:
+    """The issue's goals, from the speed rows: ratios measured in the same rounds."""
+    found = []
+    by_key: dict = {}
+    for r in speed:
+        by_key.setdefault((r["model"], r["batch"]), {})[r["contender"]] = (r["ms"], r["cpu_ms"])
+    for (model, batch), ms in by_key.items():
+        if "rectonnx rectgrad" not in ms:
+            continue
+        for unit, i in (("wall", 0), ("CPU", 1)):
+            rect = ms["rectonnx rectgrad"][i]
+            ratio = rect / ms["onnxruntime inference"][i]
+            found.append(dict(model=model, batch=batch, unit=unit, value=ratio,
+                              goal="RectGrad / inference <= 3 (2.5)", holds=ratio <= 3.0))
+            for other in ("torch RectGrad (eager)", "Captum GuidedBackprop"):
+                if other in ms:
+                    speedup = ms[other][i] / rect
+                    found.append(dict(model=model, batch=batch, unit=unit, value=speedup,
+                                      goal=f"{other} / rectonnx RectGrad >= 1.5 (2)",
+                                      holds=speedup >= 1.5))
+    return found
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, small batches (CI)")
+    parser.add_argument("--quick", action="store_true", help="CI: few rounds, small batches")
     parser.add_argument("--out", default="benchmarks/results", help="directory for bench.md/json")
-    args = parser.parse_args()
-    repeats = 3 if args.quick else 20
-    plan = {models.PAPER_CNN: [1, 16] if args.quick else [1, 64],
-            models.EFFICIENTNET_LITE0: [1] if args.quick else [1, 8]}
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-               f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, CPUExecutionProvider")
-    rows = []
-    for name, batches in plan.items():
-        rows += bench_model(name, batches, repeats)
-    table = markdown(rows, machine)
+    parser.add_argument("--models", default="paper_cnn,resnet50")
+    parser.add_argument("--micro", action="store_true", help="also run benchmarks/micro.py")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
+    parser.add_argument("--probe", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        kind, model_dir, name, batch = args.probe
+        return probe(kind, model_dir, name, int(batch))
+    import nets
+
+    names = [n for n in args.models.split(",") if n]
+    plan = {"paper_cnn": [1, 16] if args.quick else [1, 64],
+            "resnet50": [1] if args.quick else [1, 8]}
+    rounds, warmup = (3, 1) if args.quick else (10, 2)
+    memory_plan = {"paper_cnn": (64, 8.0), "resnet50": (16, 600.0)}
+    report = dict(machine=machine(), load_before=load_average(), quick=args.quick, speed=[],
+                  goals=[], ablation=[], memory=[], onnxruntime=[], micro=None)
+    for name in names:
+        net, model, shape = nets.build(name)
+        print(f"[bench] {name}: speed", file=sys.stderr, flush=True)
+        graphs: dict = {}
+        report["speed"] += bench_speed(name, net, model, shape, plan[name], rounds, warmup,
+                                       with_torch=not args.no_torch, graphs=graphs,
+                                       explainers=EXPLAINERS[2:3] + EXPLAINERS[1:2]
+                                       if args.quick else EXPLAINERS)
+        if not args.quick:
+            print(f"[bench] {name}: ablation", file=sys.stderr, flush=True)
+            for batch in plan[name]:
+                report["ablation"] += bench_ablation(name, model, shape, batch, rounds, warmup)
+        report["onnxruntime"].append(ort_optimisations(name, model, graphs["rectgrad"]))
+        if not args.no_memory and not args.no_torch and (name == "paper_cnn" or not args.quick):
+            print(f"[bench] {name}: memory", file=sys.stderr, flush=True)
+            batch, budget = memory_plan[name]
+            report["memory"] += bench_memory(
+                name, net, graphs["rectgrad"], batch, None if args.quick else budget,
+                kinds=("rectonnx", "torch") if args.quick else ("rectonnx", "torch", "captum"))
+    if args.micro:
+        import micro
+        print("[bench] micro", file=sys.stderr, flush=True)
+        report["micro"] = micro.run(args.quick)
+    if not args.quick:
+        report["speed"] += bench_shipped(rounds, warmup)
+    report["goals"] = goals(report["speed"])
+    report["load_after"] = load_average()
+    table = markdown(report)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

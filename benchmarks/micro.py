@@ -4,8 +4,8 @@
 
 * the per-layer threshold: one TopK over all M scores vs rectonnx's two-stage block selection
   vs the TopK-free bisection (threshold.py), in ns per score, at ResNet-50 and paper-CNN sizes;
-* a convolution's input gradient: ConvTranspose vs the correlation form rectonnx emits
-  (flipped-kernel Conv for stride 1, polyphase Conv + DepthToSpace for stride 2);
+* a convolution's input gradient: ConvTranspose vs a Conv with the flipped kernel (stride 1,
+  what rectonnx emits) vs the polyphase Conv + DepthToSpace (stride 2, not emitted: slower);
 * the RectGrad gate ``Where(s > tau, R, 0)`` vs ``R * Cast(s > tau)``;
 * MaxPool with and without its Indices output (the exact max-pool backward needs them).
 
@@ -26,8 +26,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from rectonnx.builder import GraphBuilder
-from rectonnx.geometry import conv_transpose_geometry, gradient_correlation
-from rectonnx.rules.linear import conv_backward_as_correlation, correlation_plan
+from rectonnx.geometry import conv_transpose_geometry, flipped_kernel, flipped_kernel_pads
+from rectonnx.rules.linear import flipped_kernel_plan
 from rectonnx.threshold import percentile_rank, percentile_threshold
 import rectonnx.threshold as threshold_module
 
@@ -79,7 +79,7 @@ def threshold_session(size: int, q: float, algorithm: str, two_stage: bool = Tru
 
 def bench_thresholds(quick: bool, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    cases = [(1, 64 * 112 * 112), (1, 256 * 56 * 56), (1, 32 * 32 * 32), (16, 32 * 32 * 32)]
+    cases = [(1, 64 * 112 * 112), (1, 512 * 28 * 28), (1, 32 * 32 * 32), (16, 32 * 32 * 32)]
     if not quick:
         cases += [(8, 64 * 112 * 112), (8, 1024 * 14 * 14), (64, 32 * 32 * 32)]
     rows = []
@@ -107,6 +107,31 @@ CONVS = [  # (c_in, c_out, kernel, stride, pad, n): the forward conv whose dX is
     (32, 32, 3, 1, 1, 32), (64, 64, 3, 1, 1, 16)]
 
 
+def polyphase(weight: np.ndarray, n: int, m: int, s: int, b: int):
+    """The polyphase ("sub-pixel") Conv weight and pads for a square stride-``s`` conv's dX
+    (tried and measured slower than ConvTranspose, so rectonnx does not emit it).
+
+    Input position ``i = t s + r`` receives tap ``j`` from output ``t + (r + b - j) / s`` when
+    that is integral: each phase ``r`` is a correlation of dY with its own small kernel; the
+    ``s^2`` phases are the output channels of one Conv and DepthToSpace (CRD) interleaves them.
+    """
+    c_out, c_in, k, _ = weight.shape
+    offsets = {(r, j): (r + b - j) // s for r in range(s) for j in range(k)
+               if (r + b - j) % s == 0}
+    low, high = min(offsets.values()), max(offsets.values())
+    taps = np.full((s, high - low + 1), k, dtype=np.int64)  # k: a zero tap
+    for (r, j), delta in offsets.items():
+        taps[r, delta - low] = j
+    padded = np.pad(weight, [(0, 0), (0, 0), (0, 1), (0, 1)])
+    length = taps.shape[1]
+    picked = padded[:, :, taps.reshape(-1)[:, None], taps.reshape(-1)[None, :]]
+    picked = picked.reshape(c_out, c_in, s, length, s, length).transpose(1, 2, 4, 0, 3, 5)
+    phase_length = -(-n // s)
+    begin = -low
+    end = phase_length - m - begin + length - 1
+    return np.ascontiguousarray(picked.reshape(c_in * s * s, c_out, length, length)), begin, end
+
+
 def bench_convs(quick: bool, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
@@ -116,19 +141,36 @@ def bench_convs(quick: bool, repeats: int) -> list[dict]:
             weight = (rng.standard_normal((c_out, c_in, k, k)) * 0.1).astype(np.float32)
             dy = rng.standard_normal((batch, c_out, m, m)).astype(np.float32)
             geometry = conv_transpose_geometry([n, n], [m, m], [k, k], [s, s], [1, 1], [p] * 4)
-            dy_info = [helper.make_tensor_value_info("dy", TensorProto.FLOAT, [batch, c_out, m, m])]
+            dy_info = [helper.make_tensor_value_info("dy", TensorProto.FLOAT,
+                                                     [batch, c_out, m, m])]
             out_info = [helper.make_tensor_value_info("out", TensorProto.FLOAT,
                                                       [batch, c_in, n, n])]
             variants = {"ConvTranspose": session(
                 [helper.make_node("ConvTranspose", ["dy", "w"], ["out"], strides=[s, s],
                                   pads=geometry.pads, output_padding=geometry.output_padding)],
                 dy_info, out_info, [numpy_helper.from_array(weight, "w")])}
-            axes = [gradient_correlation(n, m, k, s, 1, p)] * 2
-            plan = correlation_plan([n, n], [m, m], [k, k], [s, s], [1, 1], [p] * 4)
-            if axes[0] is not None and s <= k:
-                variants["Conv (correlation form)"] = builder_session(
-                    lambda g: conv_backward_as_correlation(g, "dy", weight, 1, axes, [n, n]),
-                    {"dy": [batch, c_out, m, m]}, [batch, c_in, n, n])
+            plan = flipped_kernel_plan([n, n], [m, m], [k, k], [s, s], [1, 1], [p] * 4)
+            if s == 1:
+                pads = flipped_kernel_pads(n, m, k, 1, p)
+                variants["Conv, flipped kernel"] = session(
+                    [helper.make_node("Conv", ["dy", "w"], ["out"], pads=[pads[0]] * 2 +
+                                      [pads[1]] * 2)], dy_info, out_info,
+                    [numpy_helper.from_array(flipped_kernel(weight, 1), "w")])
+            elif k >= s:
+                w_poly, begin, end = polyphase(weight, n, m, s, p)
+                cut = -(-n // s) * s != n
+                nodes = [helper.make_node("Conv", ["dy", "w"], ["phases"], pads=[begin] * 2 +
+                                          [end] * 2),
+                         helper.make_node("DepthToSpace", ["phases"], ["full" if cut else "out"],
+                                          blocksize=s, mode="CRD")]
+                inits = [numpy_helper.from_array(w_poly, "w")]
+                if cut:
+                    nodes.append(helper.make_node("Slice", ["full", "zeros", "ends", "axes"],
+                                                  ["out"]))
+                    inits += [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
+                              (("zeros", [0, 0]), ("ends", [n, n]), ("axes", [2, 3]))]
+                variants["Conv, polyphase + DepthToSpace"] = session(nodes, dy_info, out_info,
+                                                                     inits)
             outputs = {name: v.run(None, {"dy": dy})[0] for name, v in variants.items()}
             base = outputs["ConvTranspose"]
             error = max(float(np.abs(o - base).max() / np.abs(base).max())
@@ -136,9 +178,9 @@ def bench_convs(quick: bool, repeats: int) -> list[dict]:
             times = best_ms({name: (lambda v=v: v.run(None, {"dy": dy}))
                              for name, v in variants.items()}, repeats)
             for name, ms in times.items():
+                emitted = "flipped" in name if plan is not None else name == "ConvTranspose"
                 rows.append(dict(case="conv dX", shape=f"N={batch}, {c_in}<-{c_out}, k{k} s{s} "
-                                 f"p{p}, {n}px", variant=name, ms=ms,
-                                 chosen=(name != "ConvTranspose") == (plan is not None),
+                                 f"p{p}, {n}px", variant=name, ms=ms, chosen=emitted,
                                  max_rel_diff=error))
     return rows
 

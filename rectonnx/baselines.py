@@ -12,11 +12,11 @@ combined as ``G = sum_k w_k R_x^(k)`` and the method's finishing step turns ``G`
 attribution. The copies of a sample never depend on the other samples (the noise is a constant
 of the graph), so a sample's map is the same in any batch. This needs a symbolic batch dimension.
 
-| method | copies ``k = 1 .. K-1`` | weights ``w_0, w_k`` | attribution | source |
-|---|---|---|---|---|
-| ``smoothgrad`` | ``x + sigma (max x - min x) e_k`` | ``0, 1/n`` | ``G`` | Smilkov et al. 2017 |
-| ``integrated_gradients`` | ``b + alpha_k (x - b)`` | ``0, step_k`` | ``(x - b) G`` | Sundararajan et al. 2017 |
-| ``deeplift`` | ``b`` (the reference) | ``1, 0`` | ``(x - b) G`` | Shrikumar et al. 2017 |
+| method | copies ``k = 1 .. K-1`` | weights ``w_0, w_k`` | attribution |
+|---|---|---|---|
+| ``smoothgrad`` (Smilkov et al. 2017) | ``x + sigma (max x - min x) e_k`` | ``0, 1/n`` | ``G`` |
+| ``integrated_gradients`` (Sundararajan 2017) | ``b + alpha_k (x - b)`` | ``0, step_k`` | ``(x - b) G`` |
+| ``deeplift`` (Shrikumar et al. 2017) | ``b`` (the reference) | ``1, 0`` | ``(x - b) G`` |
 
 * SmoothGrad: ``n = samples`` noise tensors ``e_k ~ N(0, I)`` of one sample's shape are drawn
   once with ``numpy.random.default_rng(seed).standard_normal`` (float32) and embedded; ``max x -
@@ -33,8 +33,9 @@ of the graph), so a sample's map is the same in any batch. This needs a symbolic
   ``R_z = f'(z) R`` where ``|z - z_b| < 1e-10``; every other op, max-pooling included, takes its
   exact vector-Jacobian product. That is the DeepLIFT authors' default for max-pooling
   (``MaxPoolDeepLiftMode.gradient``), DeepExplain's (the paper's code) and what Captum's
-  ``DeepLift`` computes when a max-pool follows a ReLU (Captum also has a max-pool rule, but the
-  ReLU's hook reads the gradient before it; it only acts on a max-pool fed by a linear layer).
+  ``DeepLift`` computes when a max-pool follows a ReLU: Captum hooks max-pools too, but the
+  ReLU's rule then reads the gradient captured before the pool's hook rewrote it (the tests
+  check ReLU -> MaxPool nets against Captum).
 
 **epsilon-LRP** (Bach et al. 2015) runs on the sample alone. Relevance ``r_t = t G_t`` is carried
 as the modified gradient ``G``: at the output of every Conv, Gemm, MatMul, MaxPool, AveragePool
@@ -43,8 +44,10 @@ and GlobalAveragePool node ("layer", output ``z`` with bias included when the no
 vector-Jacobian product, i.e. the epsilon rule ``r_i = sum_j x_i w_ij / (z_j + epsilon sgn z_j)
 r_j``; activations pass relevance unchanged (``r_z = r_y``: ``R_z = R y / z``, which is ``f'(z) R``
 for ReLU and LeakyReLU); other ops take their exact product; the attribution is ``x G_x`` and
-the initial relevance is the target logit. This is Captum's ``LRP`` with its default rules
-(EpsilonRule on layers, identity on ReLU) for nets built of those modules. With ``epsilon -> 0``
+the initial relevance is the target logit. This is Captum's ``LRP`` with ``EpsilonRule(epsilon)``
+on every Conv/Linear/pooling module and identity on ReLU, for nets built of those modules
+(BatchNorm, which Captum treats as a layer, is folded into the convolution here). With
+``epsilon -> 0``
 every factor ``z / (z + epsilon sgn z)`` is 1 and epsilon-LRP *is* grad * input for ReLU nets
 (Ancona et al. 2018), which the tests show.
 
@@ -63,7 +66,7 @@ import numpy as np
 
 from .builder import GraphBuilder
 from .errors import UnsupportedModelError
-from .methods import BASELINE_NAMES, Method, exact_gradient, gradient_only, times_input
+from .methods import Method, exact_gradient, gradient_only, times_input
 from .rules.base import RULES, Activation, RuleContext
 from .threshold import DEFAULT_ALGORITHM, percentile_threshold
 
@@ -171,17 +174,12 @@ def split_copies(g: GraphBuilder, t: str, count: int) -> str:
     return g.Reshape(t, shape, hint="split")
 
 
-def _pair_halves(g: GraphBuilder, t: str) -> tuple[str, str]:
-    """For copies (sample, reference): both ``[N, 1, ...]`` halves of ``t``."""
-    pairs = split_copies(g, t, 2)
-    axis = g.ints([1], "axis")
-    return (g.Slice(pairs, g.ints([0], "start"), g.ints([1], "end"), axis, hint="sample"),
-            g.Slice(pairs, g.ints([1], "start"), g.ints([2], "end"), axis, hint="reference"))
-
-
 def pair_delta(g: GraphBuilder, t: str) -> str:
     """For copies (sample, reference): ``t - t_b``, the same in both rows of the pair."""
-    sample, reference = _pair_halves(g, t)
+    pairs = split_copies(g, t, 2)
+    axis = g.ints([1], "axis")
+    sample = g.Slice(pairs, g.ints([0], "start"), g.ints([1], "end"), axis, hint="sample")
+    reference = g.Slice(pairs, g.ints([1], "start"), g.ints([2], "end"), axis, hint="reference")
     delta = g.Sub(sample, reference, hint="delta")
     return merge_copies(g, g.Concat(delta, delta, axis=1, hint="delta"))
 

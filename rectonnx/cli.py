@@ -65,8 +65,12 @@ def main():
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the explainer graph (.onnx).")
 @method_options
+@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
+                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @friendly_errors
-def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name):
+def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name,
+            threshold):
     """Write the explainer graph of MODEL (inputs: image, target; outputs: logits, attribution)."""
     import onnx
 
@@ -74,7 +78,7 @@ def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, outpu
 
     started = time.perf_counter()
     graph = rewrite_model(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                          input_name=input_name, output_name=output_name)
+                          input_name=input_name, output_name=output_name, threshold=threshold)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, output)
     click.echo(f"wrote {output}: {method}, {len(graph.graph.node)} nodes, "
@@ -100,6 +104,9 @@ def info(model, input_name, output_name):
               help="Output directory (attributions, heatmaps, manifest.jsonl); re-running the "
                    "same command resumes where it stopped.")
 @method_options
+@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
+                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--target", type=int, default=-1, show_default=True,
               help="Class to explain; negative = the predicted class.")
 @click.option("--size", type=int, default=None, help="Input size (default: the model's).")
@@ -134,7 +141,7 @@ def info(model, input_name, output_name):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_name, output_name,
-            target, size, resize, mean, std, preset, fmt, shard_size, batch_size,
+            threshold, target, size, resize, mean, std, preset, fmt, shard_size, batch_size,
             memory_budget, device, workers, png, overlay, use_ray, ray_address, actors,
             gpus_per_actor, progress):
     """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL."""
@@ -144,7 +151,8 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
                                 preset=preset)
     options = dict(preprocess=preprocess, method=method, q=q, tau=tau,
                    padding_trick=padding_trick, prr=prr, input_name=input_name,
-                   output_name=output_name, target=target, batch_size=batch_size,
+                   output_name=output_name, threshold=threshold, target=target,
+                   batch_size=batch_size,
                    memory_budget=memory_budget, fmt=fmt, shard_size=shard_size, write_png=png,
                    write_overlay=overlay, progress=progress)
     try:
@@ -174,6 +182,9 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
                                            "file's stem and the method, e.g. resnet_rectgrad).")
 @click.option("--version", type=click.IntRange(1), default=1, show_default=True)
 @method_options
+@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
+                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True,
               help="Largest batch Triton forms (0: no batching, dims include the batch).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=1000, show_default=True,
@@ -185,14 +196,14 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
 @click.option("--force", is_flag=True, help="Replace an existing version directory.")
 @friendly_errors
 def export_triton(model, repo, name, version, method, q, tau, padding_trick, prr, input_name,
-                  output_name, max_batch_size, max_queue_delay_us, instance_kind,
+                  output_name, threshold, max_batch_size, max_queue_delay_us, instance_kind,
                   instance_count, force):
     """Write MODEL's explainer graph as a Triton model repository entry (onnxruntime backend)."""
     from .serve import export_triton as export
 
     written = export(model, repo, name=name, version=version, method=method, q=q, tau=tau,
                      padding_trick=padding_trick, prr=prr, input_name=input_name,
-                     output_name=output_name, max_batch_size=max_batch_size,
+                     output_name=output_name, threshold=threshold, max_batch_size=max_batch_size,
                      max_queue_delay_us=max_queue_delay_us, instance_kind=instance_kind,
                      instance_count=instance_count, overwrite=force)
     click.echo(f"wrote {written.model_file} and {written.config_file}")
@@ -209,6 +220,52 @@ def demo(out_dir):
 
     for line in run_demo(Path(out_dir)):
         click.echo(line)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="rectonnx-eval", show_default=True,
+              type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--cifar10", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A local CIFAR-10 (python version) directory instead of digits on photos.")
+@click.option("--paper", is_flag=True, help="The paper's protocol: 20 epochs, 3 networks per "
+              "ROAR/KAR point trained from scratch, width 1, more data (a day or more on two "
+              "CPU cores; hours with --device cuda).")
+@click.option("--train-size", type=click.IntRange(10), default=None,
+              help="Training images [2000; --paper: 20000 or all of CIFAR-10].")
+@click.option("--test-size", type=click.IntRange(10), default=None,
+              help="Test images [500; --paper: 2000 or all of CIFAR-10].")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs [10].")
+@click.option("--width", type=click.FloatRange(0.05), default=None,
+              help="Channel multiplier of the paper's CNN [0.5; --paper: 1].")
+@click.option("--retrain", type=click.Choice(["finetune", "scratch"]), default=None,
+              help="ROAR/KAR networks: fine-tuned from the trained one, or from scratch "
+              "(the paper) [finetune].")
+@click.option("--retrain-epochs", type=click.IntRange(1), default=None,
+              help="Epochs of ROAR/KAR fine-tuning [2] (scratch uses --epochs).")
+@click.option("--repeats", type=click.IntRange(1), default=None,
+              help="Networks per ROAR/KAR point [1].")
+@click.option("--roar-target", type=click.Choice(["predicted", "label"]), default=None,
+              help="Class whose maps rank the pixels in ROAR/KAR [predicted].")
+@click.option("--fractions", default=None, help="ROAR/KAR fractions [0.1,0.3,0.5,0.7,0.9].")
+@click.option("--methods", default=None, help="Comma-separated methods [random,saliency,"
+              "grad_input,guided_backprop,smoothgrad,integrated_gradients,deeplift,rectgrad].")
+@click.option("--experiments", default=None, help="Comma-separated subset of occlusion,noise,"
+              "roar_kar,sensitivity,q_sweep,layers [all].")
+@click.option("--seed", type=int, default=None, help="Seed of data, training and noise [0].")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads of the main process [1].")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Processes that retrain ROAR/KAR networks in parallel [CPU cores; 1 on GPU].")
+@click.option("--device", default=None, help="Torch device for training, e.g. cuda [cpu].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@friendly_errors
+def evaluate(out_dir, paper, **options):
+    """Reproduce the paper's experiments (Table 1, Figures 6-9) and write a report directory."""
+    from .evaluate import configure, run
+
+    config = configure(out=out_dir, paper=paper, **options)
+    results = run(config, command="rectonnx " + " ".join(sys.argv[1:]))
+    click.echo(f"wrote {Path(out_dir) / 'summary.md'} in {results['timings_s']['total']:.0f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,6 +56,7 @@ def _known(z: np.ndarray, y: np.ndarray) -> tuple[str, dict] | None:
     if 0.0 < at_one < 1.0:
         alpha = math.log(at_one / (1.0 - at_one))
         if 0.0 < alpha <= 10.0 and close(z * _sigmoid(alpha * z)):
+            # the probe runs in float32: 1.0000003 is SiLU's alpha = 1 (the rule's fast path)
             alpha = round(alpha, 5) if abs(alpha - round(alpha, 5)) < 1e-5 else alpha
             return "Swish", {"alpha": float(alpha)}
     return None

@@ -9,7 +9,9 @@ network takes: ``images`` float32 ``[N, 3, H, W]`` (RGB, ``uint8 / 127.5 - 1``, 
   digit from scikit-learn's ``load_digits()`` (8x8 scans of 43 writers, values 0..16), upscaled
   with a cubic kernel to 14..22 px, coloured to contrast with the background under it and
   alpha-composited at a random place on a random crop (random place, scale and horizontal flip)
-  of one of nine real photographs bundled with scikit-learn and scikit-image. The label is the
+  of one of nine real photographs bundled with scikit-learn and scikit-image, whose intensities
+  are squeezed into [0.15, 0.85] so that light (luminance >= 0.85) or dark (<= 0.15) digits
+  stand out. The label is the
   digit; the object mask is exactly where the digit's alpha exceeds 0.5, which is what the
   noise-level test needs and CIFAR-10 cannot give. Pixels are quantised to uint8 before scaling,
   so an image saved as PNG and read back gives the same tensor.
@@ -49,6 +51,8 @@ SKIMAGE_PHOTOS = (
 PHOTO_SHORT_SIDE = 96       # photos are anti-alias downscaled to this short side once
 DIGIT_SIZES = (14, 22)      # inclusive range of the upscaled digit's side in pixels
 CROP_FRACTION = (0.35, 1.0)  # crop side as a fraction of the (downscaled) photo's short side
+BACKGROUND_RANGE = (0.15, 0.85)  # photo intensities are mapped linearly into this range
+INK_LUMINANCE = 0.85        # digits are at least this light, or at most 1 - this dark
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,8 +80,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def from_uint8(pixels: np.ndarray) -> np.ndarray:
     """``[N, H, W, 3]`` uint8 -> ``[N, 3, H, W]`` float32 scaled to ``[-1, 1]`` (x / 127.5 - 1)."""
-    x = pixels.astype(np.float32).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x / np.float32(127.5) - np.float32(1.0))
+    n, h, w, c = pixels.shape
+    x = np.empty((n, c, h, w), dtype=np.float32)
+    np.divide(pixels.transpose(0, 3, 1, 2), np.float32(127.5), out=x, dtype=np.float32)
+    x -= np.float32(1.0)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +112,8 @@ def digits_on_photos(
     sides = rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1, size=n)
     alpha = _place_digits(rng, digits[picks], sides, size)
 
-    background = _photo_crops(rng, n, size)
+    low, high = BACKGROUND_RANGE
+    background = low + (high - low) * _photo_crops(rng, n, size)
     colour = _contrasting_colours(rng, background, alpha)
     a = alpha[..., None]
     rgb = (1.0 - a) * background + a * colour[:, None, None, :]
@@ -234,20 +242,25 @@ def _bilinear_gather(
     bank: np.ndarray, which: np.ndarray, ys: np.ndarray, xs: np.ndarray
 ) -> np.ndarray:
     """Sample ``bank[which[i]]`` at rows ``ys[i]`` x columns ``xs[i]`` bilinearly."""
+    _, height, width, channels = bank.shape
+    flat = bank.reshape(-1, channels)
     y0 = np.floor(ys).astype(np.int64)
     x0 = np.floor(xs).astype(np.int64)
-    y1 = np.minimum(y0 + 1, bank.shape[1] - 1)
-    x1 = np.minimum(x0 + 1, bank.shape[2] - 1)
+    y1 = np.minimum(y0 + 1, height - 1)
+    x1 = np.minimum(x0 + 1, width - 1)
     wy = (ys - y0).astype(np.float32)[:, :, None, None]
     wx = (xs - x0).astype(np.float32)[:, None, :, None]
-    p = which[:, None, None]
+    base = which[:, None, None] * height
 
     def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        return bank[p, yy[:, :, None], xx[:, None, :]]
+        return np.take(flat, (base + yy[:, :, None]) * width + xx[:, None, :], axis=0)
 
-    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
-    return top * (1 - wy) + bottom * wy
+    top = at(y0, x0)
+    top += wx * (at(y0, x1) - top)
+    bottom = at(y1, x0)
+    bottom += wx * (at(y1, x1) - bottom)
+    top += wy * (bottom - top)
+    return top
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -259,15 +272,21 @@ def _contrasting_colours(
 ) -> np.ndarray:
     """One random RGB colour per image, light on dark or dark on light backgrounds.
 
-    The background's luminance is averaged under the digit (weighted by alpha); a colour with
-    every channel in [0.65, 1] goes on a background darker than 0.5, one in [0, 0.35] otherwise,
-    so the strokes differ from what lies under them by at least 0.15 in luminance on average.
+    The background's luminance is averaged under the digit (weighted by alpha). A random colour
+    is blended towards white until its luminance is at least 0.85 where that average is below
+    0.5, and scaled towards black until it is at most 0.15 elsewhere; the hue is kept. As the
+    photo is squeezed into [0.15, 0.85], a light digit is never darker than any background pixel
+    and a dark one never lighter, and the average contrast is at least 0.35.
     """
     weight = alpha / np.maximum(alpha.sum(axis=(1, 2), keepdims=True), 1e-6)
-    local = _luminance(background)
-    under = (local * weight).sum(axis=(1, 2))
-    raw = rng.random((background.shape[0], 3)).astype(np.float32) * 0.35
-    return np.where((under < 0.5)[:, None], 1.0 - raw, raw).astype(np.float32)
+    under = (_luminance(background) * weight).sum(axis=(1, 2))
+    colour = rng.random((background.shape[0], 3)).astype(np.float32)
+    lum = _luminance(colour)[:, None]
+    light = INK_LUMINANCE
+    towards_white = np.clip((light - lum) / np.maximum(1.0 - lum, 1e-6), 0.0, 1.0)
+    lighter = colour + towards_white * (1.0 - colour)
+    darker = colour * np.minimum(1.0, (1.0 - light) / np.maximum(lum, 1e-6))
+    return np.where((under < 0.5)[:, None], lighter, darker).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

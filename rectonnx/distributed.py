@@ -2,7 +2,8 @@
 
 Ray schedules everything; rectonnx only supplies the work per batch, as a callable class that
 ``Dataset.map_batches`` runs in an actor pool (``ActorPoolStrategy``), one explainer per CPU or
-GPU slot. Each actor rewrites the model once and keeps its onnxruntime session.
+GPU slot. The driver rewrites the model once; each actor loads that explainer graph
+(``Explainer.from_graph``) and keeps its onnxruntime session.
 
 * :func:`explain_dataset` adds ``attribution``, ``logits`` and ``target`` columns to a Ray
   Dataset whose ``column`` holds preprocessed arrays (``[C, H, W]`` per row, as the model).
@@ -18,7 +19,6 @@ Ray is started here only when it is not running yet: ``address=None`` starts a l
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .batch import (FORMATS, Item, Job, OutputDir, ResultWriter, Summary, _explain_groups,
-                    fit_preprocess_to_model, job_settings, load_item, parse_bytes,
-                    batch_size_for_budget, sidecar)
+                    fit_preprocess_to_model, job_settings, load_item, parse_bytes, sidecar)
 from .errors import RectonnxError
 from .images import Preprocess, iter_image_paths
 
@@ -57,17 +56,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def _model_bytes(model) -> bytes:
-    """The model as bytes, so actors on other nodes need no copy of the file."""
+def _explainer_graph(model, method: str, options: dict) -> bytes:
+    """The explainer graph as bytes (actors on other nodes need no file; no rewrite there)."""
+    from .rewrite import rewrite
+
+    return rewrite(model, method, **options).SerializeToString()
+
+
+def _load(graph: bytes):
     import onnx
 
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString()
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model)
-    from .normalize import load_model  # the same clear errors as everywhere else
-
-    return load_model(model).SerializeToString()
+    return onnx.load_from_string(graph)
 
 
 def _slots(ray, actors: int | None, cpus_per_actor: float, gpus_per_actor: float) -> int:
@@ -93,12 +92,12 @@ def _unwrap(exc: BaseException) -> BaseException:
 class ExplainerActor:
     """``map_batches`` callable: preprocessed arrays in ``column`` -> attribution columns."""
 
-    def __init__(self, model: bytes, method: str, options: dict, column: str = "image",
-                 threads: int | None = None):
+    def __init__(self, graph: bytes, column: str = "image", threads: int | None = None,
+                 **runtime):
         from .runtime import Explainer
 
         self.column = column
-        self.explainer = Explainer(model, method, threads=threads, **options)
+        self.explainer = Explainer.from_graph(_load(graph), threads=threads, **runtime)
 
     def __call__(self, batch: dict) -> dict:
         x = batch[self.column]
@@ -113,18 +112,20 @@ class ExplainerActor:
 def explain_dataset(ds, model, method: str = "rectgrad", *, column: str = "image",
                     q: float = 98.0, tau: float | None = None, padding_trick: bool = False,
                     prr: bool = False, input_name: str | None = None,
-                    output_name: str | None = None, batch_size: int = 16,
+                    output_name: str | None = None, threshold: str = "topk",
+                    batch_size: int = 16,
                     actors: int | None = None, cpus_per_actor: float = 1,
                     gpus_per_actor: float = 0):
     """``ds.map_batches`` with an actor pool of explainers; a ``target`` column is used if
     present (negative = predicted class). Lazy, like every Ray Dataset transform."""
     ray = _ray()
-    options = dict(q=q, tau=tau, padding_trick=padding_trick, prr=prr, input_name=input_name,
-                   output_name=output_name, batch_size=batch_size)
+    graph = _explainer_graph(model, method, dict(q=q, tau=tau, padding_trick=padding_trick,
+                                                 prr=prr, input_name=input_name,
+                                                 output_name=output_name, threshold=threshold))
     return ds.map_batches(
         ExplainerActor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(model=_model_bytes(model), method=method, options=options,
-                                   column=column, threads=max(1, int(cpus_per_actor))),
+        fn_constructor_kwargs=dict(graph=graph, column=column,
+                                   threads=max(1, int(cpus_per_actor)), batch_size=batch_size),
         compute=ray.data.ActorPoolStrategy(size=_slots(ray, actors, cpus_per_actor,
                                                         gpus_per_actor)),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
@@ -134,12 +135,13 @@ class FileJobActor:
     """``map_batches`` callable of ``explain_images_ray``: paths in, files written, manifest
     records (JSON text) out. A batch in ``shards`` format becomes one shard file."""
 
-    def __init__(self, model: bytes, method: str, options: dict, preprocess: dict, out_dir: str,
-                 fmt: str, write_png: bool, write_overlay: bool, target: int, classes,
-                 threads: int | None = None, workers: int = 2):
+    def __init__(self, graph: bytes, method: str, preprocess: dict, out_dir: str, fmt: str,
+                 write_png: bool, write_overlay: bool, target: int, classes,
+                 threads: int | None = None, workers: int = 2, **runtime):
         from .runtime import Explainer
 
-        self.explainer = Explainer(model, method, threads=threads, **options)
+        self.explainer = Explainer.from_graph(_load(graph), threads=threads, spinning=False,
+                                              **runtime)
         self.preprocess = Preprocess.from_dict(preprocess)
         self.target, self.write_overlay = target, write_overlay
         self.pool = ThreadPoolExecutor(max(1, workers))
@@ -170,7 +172,8 @@ class FileJobActor:
 
 def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, method="rectgrad",
                        q=98.0, tau=None, padding_trick=False, prr=False, input_name=None,
-                       output_name=None, target=-1, batch_size=16, memory_budget=None,
+                       output_name=None, threshold="topk", target=-1, batch_size=16,
+                       memory_budget=None,
                        fmt="npy", shard_size=None, write_png=True, write_overlay=True,
                        address=None, actors=None, cpus_per_actor=1, gpus_per_actor=0,
                        progress=True) -> Summary:
@@ -187,14 +190,14 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     ray = _ray()
     paths = iter_image_paths(sources)
-    data = _model_bytes(model)
-    options = dict(q=q, tau=tau, padding_trick=padding_trick, prr=prr, input_name=input_name,
-                   output_name=output_name, batch_size=batch_size)
-    probe = Explainer(data, method, providers=["CPUExecutionProvider"], **options)
-    probe.check_target(target, 1)  # clear errors here, before any actor starts
+    graph = _explainer_graph(model, method, dict(q=q, tau=tau, padding_trick=padding_trick,
+                                                 prr=prr, input_name=input_name,
+                                                 output_name=output_name, threshold=threshold))
     budget = parse_bytes(memory_budget)
-    if budget is not None:
-        batch_size = min(batch_size, batch_size_for_budget(probe.graph, budget))
+    runtime = dict(batch_size=batch_size, memory_budget_mb=budget / 2**20 if budget else None)
+    probe = Explainer.from_graph(_load(graph), providers=["CPUExecutionProvider"], **runtime)
+    probe.check_target(target, 1)  # clear errors here, before any actor starts
+    batch_size = min(batch_size, probe.batch_size)  # fitted to the memory budget
     preprocess = fit_preprocess_to_model(preprocess, probe.input_shape)
     del probe
     settings = job_settings(model, method=method, q=q, tau=tau, padding_trick=padding_trick,
@@ -219,10 +222,11 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
         ds = ds.map_batches(
             FileJobActor, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs=dict(
-                model=data, method=method, options=options, preprocess=preprocess.to_dict(),
+                graph=graph, method=method, preprocess=preprocess.to_dict(),
                 out_dir=str(job.output.root.resolve()), fmt=fmt, write_png=write_png,
                 write_overlay=write_overlay, target=target,
-                classes=sidecar(model).get("classes"), threads=max(1, int(cpus_per_actor))),
+                classes=sidecar(model).get("classes"), threads=max(1, int(cpus_per_actor)),
+                **runtime),
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
         bar = tqdm(total=len(rows), unit="img", desc=f"{method} (ray)", disable=not progress,

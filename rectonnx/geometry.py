@@ -9,13 +9,10 @@ input positions ``o s - b + j d`` for ``j = 0..k-1``; the output length is
   input shape. ConvTranspose yields ``(m - 1) s + K - b - e' + p`` positions for ``m`` inputs;
   we pick ``e'`` and ``output_padding p`` (``0 <= p < s``) so that this is exactly ``n``, and report
   any shortfall as extra zero padding at the end (pools in ceil mode can need it).
-* ``gradient_correlation``: the same input gradient as a plain Conv (a correlation) of the
-  output gradient, which runs faster than ConvTranspose. Stride 1: the kernel flipped, in and
-  out channels swapped, pads ``((k - 1) d - b, (k - 1) d - e)``. Stride ``s > 1`` (dilation 1),
-  the polyphase ("sub-pixel") form: input position ``i = t s + r`` only receives the taps
-  ``j`` with ``j = r + b (mod s)``, from output ``o = t + (r + b - j) / s``; so each phase ``r``
-  is a correlation of ``dY`` with its own small kernel, all ``s^2`` phases are stacked as
-  output channels of one Conv, and ``DepthToSpace`` (CRD) interleaves them back.
+* ``flipped_kernel`` / ``flipped_kernel_pads``: for stride 1 the same input gradient is a plain
+  Conv of the output gradient with the kernel flipped and its in/out channels swapped (per
+  group), pads ``((k - 1) d - b, (k - 1) d - e)`` and the same dilation; onnxruntime runs it
+  faster than ConvTranspose.
 * ``padding_trick_mask``: 1 where an output position reads only real input, 0 where its
   receptive field covers padding (the paper's App. C.1, exact for every kernel and stride).
 * ``valid_counts``: how many real (non-padding) input positions each output window covers.
@@ -102,71 +99,24 @@ def conv_transpose_geometry(in_sizes: Sequence[int], out_sizes: Sequence[int],
     return TransposeGeometry(begins + new_ends, output_padding, extra)
 
 
-@dataclass(frozen=True)
-class CorrelationAxis:
-    """One spatial axis of the Conv that computes a convolution's input gradient.
-
-    ``taps[r, v]`` is the forward kernel tap that phase ``r`` applies at its tap ``v`` (-1: a
-    zero tap); the Conv has these ``pads`` and ``dilation``, and each phase yields ``length``
-    positions, so ``length * phases >= n`` (the surplus at the end is cut off).
-    """
-
-    taps: np.ndarray
-    pads: tuple[int, int]
-    dilation: int
-    length: int
-
-    @property
-    def phases(self) -> int:
-        return self.taps.shape[0]
+def flipped_kernel_pads(n: int, m: int, k: int, d: int, b: int) -> tuple[int, int] | None:
+    """Pads of the stride-1 Conv with the flipped kernel that computes a stride-1 convolution's
+    input gradient along one axis (input ``n``, output ``m``, kernel ``k``, dilation ``d``,
+    begin pad ``b``): ``((k - 1) d - b, (k - 1) d - e)``, or None where one would be negative
+    (pads wider than the kernel)."""
+    begin = (k - 1) * d - b
+    end = n - m - begin + (k - 1) * d
+    return (begin, end) if begin >= 0 and end >= 0 else None
 
 
-def gradient_correlation(n: int, m: int, k: int, s: int, d: int, b: int) -> CorrelationAxis | None:
-    """The correlation form of ``dX`` along one axis (input ``n``, output ``m``, kernel ``k``,
-    stride ``s``, dilation ``d``, begin pad ``b``), or None when a Conv cannot express it
-    (it would need negative pads, or a stride together with a dilation)."""
-    if s == 1:
-        begin = (k - 1) * d - b
-        end = n - m - begin + (k - 1) * d
-        taps = (k - 1 - np.arange(k))[None, :]
-        result = CorrelationAxis(taps, (begin, end), d, n)
-    else:
-        if d != 1:
-            return None
-        # phase r receives tap j from output t + delta, delta = (r + b - j) / s when integral
-        offsets = {(r, j): (r + b - j) // s for r in range(s) for j in range(k)
-                   if (r + b - j) % s == 0}
-        low, high = min(offsets.values()), max(offsets.values())
-        taps = np.full((s, high - low + 1), -1, dtype=np.int64)
-        for (r, j), delta in offsets.items():
-            taps[r, delta - low] = j
-        length = -(-n // s)
-        begin = -low
-        result = CorrelationAxis(taps, (begin, length - m - begin + taps.shape[1] - 1), 1, length)
-    return result if min(result.pads) >= 0 else None
-
-
-def gradient_correlation_weight(weight: np.ndarray, group: int,
-                                axes: Sequence[CorrelationAxis]) -> np.ndarray:
-    """The Conv weight ``[C_in phases, C_out / group, taps...]`` of the correlation form.
-
-    ``weight`` is the forward ``[C_out, C_in / group, k...]``. Output channel
-    ``(c * phases + r)`` with ``r`` the row-major phase index, as DepthToSpace (CRD) reads it.
-    """
+def flipped_kernel(weight: np.ndarray, group: int) -> np.ndarray:
+    """``W'[g, i, o] = W[g, o, i]`` flipped in every spatial axis, for the stride-1 Conv that maps
+    an output gradient back: ``[C_out, C_in / g, k...]`` -> ``[C_in, C_out / g, k...]``."""
     c_out, c_in_group = weight.shape[:2]
-    rank = len(axes)
-    zero_tap = np.pad(weight, [(0, 0), (0, 0)] + [(0, 1)] * rank)  # tap -1 reads the zero pad
-    index = np.ix_(*[np.where(a.taps < 0, weight.shape[2 + i], a.taps).reshape(-1)
-                     for i, a in enumerate(axes)])
-    picked = zero_tap[(slice(None), slice(None)) + index]  # [C_out, C_in/g, s1*L1, s2*L2, ...]
-    shape = [group, c_out // group, c_in_group] + [v for a in axes for v in a.taps.shape]
-    picked = picked.reshape(shape)  # [g, C_out/g, C_in/g, s1, L1, s2, L2, ...]
-    phases = [3 + 2 * i for i in range(rank)]
-    taps = [4 + 2 * i for i in range(rank)]
-    ordered = picked.transpose([0, 2] + phases + [1] + taps)  # [g, C_in/g, s.., C_out/g, L..]
-    phase_count = int(np.prod([a.phases for a in axes]))
-    return np.ascontiguousarray(ordered.reshape(
-        [group * c_in_group * phase_count, c_out // group] + [a.taps.shape[1] for a in axes]))
+    spatial = weight.shape[2:]
+    grouped = weight.reshape((group, c_out // group, c_in_group) + spatial)
+    swapped = grouped.swapaxes(1, 2)[(Ellipsis,) + (slice(None, None, -1),) * len(spatial)]
+    return np.ascontiguousarray(swapped.reshape((group * c_in_group, c_out // group) + spatial))
 
 
 def receptive_field_inside(n: int, m: int, k: int, s: int, d: int, b: int) -> np.ndarray:

@@ -21,7 +21,8 @@ from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
 from .errors import InvalidModelError
 from .methods import get_method
-from .normalize import OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, normalize, rename_tensor
+from .normalize import (OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, normalize,
+                        rename_tensor, split_large_initializers)
 from .rules import RuleContext
 from .walker import backpropagate, check_supported, node_names_filled
 
@@ -139,8 +140,7 @@ def one_hot_seed(g: GraphBuilder, norm: NormalizedModel, logits: str, target: st
                      hint="class")
     num_classes = (norm.shapes.get(logits) or (None, None))[1]
     if isinstance(num_classes, int):
-        classes = g.const(list(range(num_classes)), "classes", dtype="int64")
-        classes = g.Unsqueeze(classes, g.ints([0], "axes"), hint="classes")
+        classes = g.const([list(range(num_classes))], "classes", dtype="int64")  # [1, C]
     else:
         count = g.Gather(g.Shape(logits), g.ints([1], "axis"), axis=0, hint="num_classes")
         classes = g.Range(g.const(0, "zero", dtype="int64"),
@@ -176,7 +176,8 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     try:
-        onnx.checker.check_model(model, full_check=True)
+        # the same check without serialising the large weights (they become typed inputs)
+        onnx.checker.check_model(split_large_initializers(model)[0], full_check=True)
     except Exception as exc:  # a bug in a rule, never the user's fault
         raise InvalidModelError(f"rectonnx built an invalid explainer graph (please report): "
                                 f"{str(exc).splitlines()[0]}") from exc

@@ -182,6 +182,16 @@ class Exported:
         return "\n".join(lines)
 
 
+def explainer_graph_in(model) -> onnx.ModelProto | None:
+    """``model`` itself when it is already an explainer graph (``rectonnx rewrite`` output)."""
+    from .normalize import load_model
+
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    if any(p.key == "rectonnx.method" for p in proto.metadata_props):
+        return proto
+    return None
+
+
 def model_name(model, method: str) -> str:
     stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{stem}_{method}")
@@ -203,11 +213,13 @@ def _atomic_save(write, path: Path) -> None:
 def export_triton(model, repo, *, name: str | None = None, version: int = 1,
                   method: str = "rectgrad", q: float = 98.0, tau: float | None = None,
                   padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
-                  output_name: str | None = None, max_batch_size: int = 32,
+                  output_name: str | None = None, threshold: str = "topk",
+                  max_batch_size: int = 32,
                   max_queue_delay_us: int = 1000, preferred_batch_sizes=(),
                   instance_kind: str = "auto", instance_count: int = 1,
                   overwrite: bool = False, graph: onnx.ModelProto | None = None) -> Exported:
-    """Rewrite ``model`` (or take the ready explainer ``graph``) and write a Triton entry."""
+    """Rewrite ``model`` (or take the explainer ``graph``, or ``model`` when it is one already)
+    and write a Triton entry; the method options then come with the graph."""
     from .rewrite import rewrite
 
     if version < 1:
@@ -216,8 +228,10 @@ def export_triton(model, repo, *, name: str | None = None, version: int = 1,
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' only")
     if graph is None:
+        graph = explainer_graph_in(model)
+    if graph is None:
         graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                        input_name=input_name, output_name=output_name)
+                        input_name=input_name, output_name=output_name, threshold=threshold)
     config = triton_config(graph, name, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us,
                            preferred_batch_sizes=preferred_batch_sizes,
@@ -240,6 +254,31 @@ def export_triton(model, repo, *, name: str | None = None, version: int = 1,
         raise ExportError(f"cannot write the model repository under {directory}: "
                           f"{exc.strerror or exc}") from None
     return Exported(model_file, config_file, config)
+
+
+# -- other runtimes ------------------------------------------------------------------------------
+def portable(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The same explainer graph with every all-constant subgraph evaluated once (a copy).
+
+    Equal results everywhere (inputs with defaults stay inputs); needed by OpenVINO 2026.4,
+    whose CPU plugin cannot compile a Pooling node with a constant input (the AveragePool
+    backward's ``AveragePool(ones)``).
+    For OpenVINO also compile with ``{"INFERENCE_PRECISION_HINT": "f32"}``: its default on CPUs
+    with bfloat16 units is bf16, which changes attributions by about 10 %.
+    """
+    import copy
+
+    from .normalize import fold_constants
+
+    folded = copy.deepcopy(graph)
+    inputs = {i.name for i in folded.graph.input}
+    defaults = [t for t in folded.graph.initializer if t.name in inputs]  # stay inputs
+    kept = [t for t in folded.graph.initializer if t.name not in inputs]
+    del folded.graph.initializer[:]
+    folded.graph.initializer.extend(kept)
+    fold_constants(folded)
+    folded.graph.initializer.extend(defaults)
+    return folded
 
 
 # -- Triton's schema ---------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def test_layer_outputs_are_the_hidden_gradients():
     assert shapes[2:] == [t.shape for t in hidden]
 
 
-# -- the contract and the errors --------------------------------------------------------------------
+# -- the contract and the errors ----------------------------------------------------------------
 @pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients", "deeplift",
                                     "epsilon_lrp"])
 def test_baselines_keep_the_contract(method):

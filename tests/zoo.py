@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx.reference.op_run import OpRun
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
@@ -191,3 +192,213 @@ def data_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 def input_shape(model: onnx.ModelProto) -> list[int]:
     return [d.dim_value for d in data_input(model).type.tensor_type.shape.dim]
+
+
+# -- a float64 oracle fast enough for 224x224 ------------------------------------------------
+# onnx.reference is the oracle, with four ops replaced by float64 torch/numpy versions of the
+# ONNX formulas: its Conv and AveragePool are pure Python (AveragePool takes ~25 s on one
+# ResNet-sized tensor), its MaxPool is slow, and its BatchNormalization-9 is wrong (onnx 1.23).
+# ``test_zoo.py`` checks the oracle's forward pass against onnxruntime on the source model.
+
+
+def _torch_pads(pads, rank):
+    pads = list(pads or [0] * 2 * rank)
+    out = []
+    for axis in reversed(range(rank)):
+        out += [pads[axis], pads[rank + axis]]
+    return out
+
+
+def _only_explicit(auto_pad):
+    if auto_pad not in (None, "NOTSET", b"NOTSET", ""):
+        raise NotImplementedError(f"auto_pad {auto_pad!r} in the zoo oracle")
+
+
+class Conv(OpRun):
+    """2-D convolutions as im2col + one batched matrix product (torch's float64 convolution,
+    grouped ones above all, is far slower)."""
+
+    op_domain = ""
+
+    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+             pads=None, strides=None):
+        import torch
+        import torch.nn.functional as F
+
+        _only_explicit(auto_pad)
+        rank = w.ndim - 2
+        group = group or 1
+        strides = list(strides or [1] * rank)
+        dilations = list(dilations or [1] * rank)
+        data = F.pad(torch.from_numpy(np.array(x, np.float64)), _torch_pads(pads, rank))
+        weight = torch.from_numpy(np.array(w, np.float64))
+        if rank != 2:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+            y = conv(data, weight, stride=strides, dilation=dilations, groups=group)
+        else:
+            n, m = data.shape[0], weight.shape[0]
+            height = (data.shape[2] - (w.shape[2] - 1) * dilations[0] - 1) // strides[0] + 1
+            width = (data.shape[3] - (w.shape[3] - 1) * dilations[1] - 1) // strides[1] + 1
+            if w.shape[2:] == (1, 1) and strides == [1, 1]:
+                patches = data.reshape(n, data.shape[1], -1)
+            else:
+                patches = F.unfold(data, tuple(w.shape[2:]), dilation=dilations, stride=strides)
+            patches = patches.reshape(n, group, -1, patches.shape[-1])  # [N, G, C/G k k, L]
+            kernels = weight.reshape(group, m // group, -1)  # [G, M/G, C/G k k]
+            y = torch.matmul(kernels.unsqueeze(0), patches).reshape(n, m, height, width)
+        if b is not None:
+            y = y + torch.from_numpy(np.array(b, np.float64)).reshape(1, -1, *[1] * rank)
+        return (y.numpy().astype(x.dtype),)
+
+
+class MaxPool(OpRun):
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=0, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        import torch
+        import torch.nn.functional as F
+
+        _only_explicit(auto_pad)
+        if ceil_mode:
+            raise NotImplementedError("ceil_mode in the zoo oracle")
+        rank = len(kernel_shape)
+        padded = F.pad(torch.from_numpy(np.array(x, np.float64)), _torch_pads(pads, rank),
+                       value=-np.inf)
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
+        y = pool(padded, list(kernel_shape), list(strides or [1] * rank),
+                 dilation=list(dilations or [1] * rank))
+        return (y.numpy().astype(x.dtype),)
+
+
+class AveragePool(OpRun):
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=0, count_include_pad=0, dilations=None,
+             kernel_shape=None, pads=None, strides=None):
+        import torch
+        import torch.nn.functional as F
+
+        _only_explicit(auto_pad)
+        if ceil_mode:
+            raise NotImplementedError("ceil_mode in the zoo oracle")
+        rank = len(kernel_shape)
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+        args = (list(kernel_shape), list(strides or [1] * rank))
+        data = torch.from_numpy(np.array(x, np.float64))
+        total = pool(F.pad(data, _torch_pads(pads, rank)), *args)
+        if count_include_pad:
+            return (total.numpy().astype(x.dtype),)
+        ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=torch.float64)
+        real = pool(F.pad(ones, _torch_pads(pads, rank)), *args)
+        return ((total / real).numpy().astype(x.dtype),)
+
+
+class BatchNormalization(OpRun):
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, spatial=None,
+             training_mode=None):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        s = scale / np.sqrt(var + epsilon)
+        return ((x - mean.reshape(shape)) * s.reshape(shape) + bias.reshape(shape),)
+
+
+ZOO_ORACLE_OPS = [Conv, MaxPool, AveragePool, BatchNormalization]
+
+
+def scores_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` ending at the input of its trailing Softmax: the logits rectonnx explains."""
+    scores = onnx.ModelProto()
+    scores.CopyFrom(model)
+    graph = scores.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    softmax = producer[graph.output[0].name]
+    if softmax.op_type != "Softmax":
+        return scores
+    name = softmax.input[0]
+    graph.node.remove(softmax)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return scores
+
+
+class ZooReference:
+    """The float64 oracle of a zoo model's scores, one sample at a time (fixed batch of 1)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from helpers import Reference
+
+        self.reference = Reference(scores_model(model), tuple(ZOO_ORACLE_OPS))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.reference(x[i:i + 1]) for i in range(len(x))])
+
+
+class ConvTranspose(OpRun):
+    """Float64 ConvTranspose (explicit pads): torch's full transposed convolution, the output
+    padding appended at the end, then the pads cut."""
+
+    op_domain = ""
+
+    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+             output_padding=None, output_shape=None, pads=None, strides=None):
+        import torch
+        import torch.nn.functional as F
+
+        _only_explicit(auto_pad)
+        if output_shape:
+            raise NotImplementedError("output_shape in the zoo oracle")
+        rank = w.ndim - 2
+        transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+        full = transpose(torch.from_numpy(np.array(x, np.float64)),
+                         torch.from_numpy(np.array(w, np.float64)),
+                         stride=list(strides or [1] * rank),
+                         dilation=list(dilations or [1] * rank), groups=group or 1)
+        extra = list(output_padding or [0] * rank)
+        full = F.pad(full, [v for axis in reversed(range(rank)) for v in (0, extra[axis])])
+        pads = list(pads or [0] * 2 * rank)
+        index = (slice(None), slice(None)) + tuple(
+            slice(pads[a], full.shape[2 + a] - pads[rank + a]) for a in range(rank))
+        y = full[index]
+        if b is not None:
+            y = y + torch.from_numpy(np.array(b, np.float64)).reshape(1, -1, *[1] * rank)
+        return (y.numpy().astype(x.dtype),)
+
+
+class MaxPoolWithIndices(MaxPool):
+    """Float64 2-D MaxPool that also gives ONNX's Indices (flat positions in the input)."""
+
+    def _run(self, x, auto_pad=None, ceil_mode=0, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        import torch
+        import torch.nn.functional as F
+
+        _only_explicit(auto_pad)
+        if ceil_mode or len(kernel_shape) != 2:
+            raise NotImplementedError("ceil_mode or a non-2-D MaxPool in the zoo oracle")
+        pads = list(pads or [0] * 4)
+        data = torch.from_numpy(np.array(x, np.float64))
+        padded = F.pad(data, _torch_pads(pads, 2), value=-np.inf)
+        y, where = F.max_pool2d(padded, list(kernel_shape), list(strides or [1, 1]),
+                                dilation=list(dilations or [1, 1]), return_indices=True)
+        n, c, height, width = data.shape
+        row, col = where // padded.shape[3] - pads[0], where % padded.shape[3] - pads[1]
+        plane = torch.arange(n * c).reshape(n, c, 1, 1) * height * width
+        return (y.numpy().astype(x.dtype), (plane + row * width + col).numpy())
+
+
+MaxPoolWithIndices.__name__ = "MaxPool"
+
+
+def run_in_float64(explainer: onnx.ModelProto, x: np.ndarray, target) -> np.ndarray:
+    """The attribution of an explainer graph evaluated in float64 (onnx.reference with the
+    float64 ops above): the graph's own maths without float32 rounding."""
+    from helpers import FLOAT64_OPS, as_double
+    from onnx.reference import ReferenceEvaluator
+
+    model = as_double(explainer)
+    ops = [Conv, ConvTranspose, MaxPoolWithIndices, AveragePool, *FLOAT64_OPS]
+    evaluator = ReferenceEvaluator(model, new_ops=ops)
+    return evaluator.run(["attribution"], {model.graph.input[0].name: np.asarray(x, np.float64),
+                                           "target": np.asarray(target, np.int64)})[0]

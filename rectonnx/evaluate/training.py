@@ -5,7 +5,8 @@ Dense-256, Dense-10, ReLU after every layer but the last, SAME padding; ``width`
 channel and unit counts (``width=1`` is the paper's). Weights start Glorot-uniform with zero
 biases (Keras' defaults, which the authors' TensorFlow code used), Adam with learning rate
 1e-3 and batches of 32 (the Keras defaults), the paper's 20 epochs when asked for. Training is
-deterministic for a seed (torch's generator for the weights, numpy's for the batch order).
+deterministic for a seed on the CPU (torch's generator for the weights, numpy's for the batch
+order); ``device="cuda"`` trains on a GPU when torch has one (the paper's protocol in hours).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 1e-3
     width: float = 1.0
+    device: str = "cpu"               # a torch device: "cpu", "cuda", ...
 
 
 def set_threads(threads: int | None) -> None:
@@ -61,18 +63,21 @@ def set_threads(threads: int | None) -> None:
 
 
 def train(images: np.ndarray, labels: np.ndarray, settings: TrainSettings, *, seed: int,
-          num_classes: int, progress=None):
-    """A freshly initialised paper CNN trained on ``images`` ``[N, C, H, W]``; eval mode."""
+          num_classes: int, progress=None, start_from=None):
+    """A paper CNN trained on ``images`` ``[N, C, H, W]``, in eval mode: freshly initialised, or
+    a copy of ``start_from`` trained further (fine-tuning)."""
     torch = _torch()
     torch.manual_seed(seed)
-    model = paper_cnn(num_classes, settings.width, images.shape[-1], images.shape[1])
+    model = copy.deepcopy(start_from) if start_from is not None else \
+        paper_cnn(num_classes, settings.width, images.shape[-1], images.shape[1])
+    model.to(settings.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
-    y = torch.from_numpy(np.asarray(labels, np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(settings.device)
+    y = torch.from_numpy(np.array(labels, np.int64)).to(settings.device)
     order_rng = np.random.default_rng([seed, 0x7A1])
     model.train()
     for _ in range(settings.epochs):
-        order = torch.from_numpy(order_rng.permutation(len(x)))
+        order = torch.from_numpy(order_rng.permutation(len(x))).to(settings.device)
         for start in range(0, len(x), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             optimiser.zero_grad()
@@ -87,11 +92,12 @@ def train(images: np.ndarray, labels: np.ndarray, settings: TrainSettings, *, se
 def predict(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Logits ``[N, classes]`` as float32."""
     torch = _torch()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             out.append(model(torch.from_numpy(np.ascontiguousarray(
-                images[start:start + batch_size], np.float32))).numpy())
+                images[start:start + batch_size], np.float32)).to(device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -104,12 +110,13 @@ def fgsm(model, images: np.ndarray, labels: np.ndarray, epsilon: float,
     """Goodfellow et al.'s fast gradient sign method: ``x + epsilon sign(d loss / d x)`` with the
     cross-entropy of ``labels``, clipped to the input range."""
     torch = _torch()
-    x = torch.tensor(np.asarray(images, np.float32), requires_grad=True)
-    loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(np.asarray(labels)),
-                                             reduction="sum")
+    device = next(model.parameters()).device
+    x = torch.tensor(np.asarray(images, np.float32), requires_grad=True, device=device)
+    loss = torch.nn.functional.cross_entropy(
+        model(x), torch.from_numpy(np.asarray(labels, np.int64)).to(device), reduction="sum")
     loss.backward()
     adversarial = x.detach() + epsilon * x.grad.sign()
-    return adversarial.clamp(*clip).numpy()
+    return adversarial.clamp(*clip).cpu().numpy()
 
 
 def to_onnx(model, sample_shape: tuple[int, ...]):
@@ -117,4 +124,4 @@ def to_onnx(model, sample_shape: tuple[int, ...]):
     torch = _torch()
     from ..converters.pytorch import export
 
-    return export(copy.deepcopy(model).eval(), torch.zeros((1, *sample_shape)))
+    return export(copy.deepcopy(model).cpu().eval(), torch.zeros((1, *sample_shape)))

@@ -130,13 +130,44 @@ class RuleContext:
         axes = None if in_shape is None or out_shape is None else unbroadcast_axes(in_shape,
                                                                                     out_shape)
         if axes is None:
-            raise UnsupportedModelError(
-                f"cannot tell how {operand!r} {in_shape} broadcasts to {result!r} {out_shape}",
-                [])
+            if in_shape is None or out_shape is None or len(in_shape) > len(out_shape):
+                raise UnsupportedModelError(
+                    f"cannot tell how {operand!r} {in_shape} broadcasts to {result!r} "
+                    f"{out_shape}", [])
+            return self._unbroadcast_at_run_time(grad, operand, len(out_shape) - len(in_shape))
         g = self.g
         summed = g.ReduceSum(grad, g.ints(axes, "axes"), keepdims=1, hint="unbroadcast") \
             if axes else grad
         return g.reshape_like(summed, operand, hint="unbroadcast")
+
+    def _unbroadcast_at_run_time(self, grad: str, operand: str, lead: int) -> str:
+        """``unbroadcast`` when the sizes are only known at run time (ranks are known): sum over
+        the axes where the operand, left-padded with ``lead`` ones, has size 1."""
+        g = self.g
+        dims = g.Shape(operand, hint="operand_shape")
+        if lead:
+            dims = g.Concat(g.ints([1] * lead, "leading_ones"), dims, axis=0)
+        axes = g.Reshape(g.NonZero(g.Equal(dims, g.ints([1], "one"))), g.ints([-1], "flat"),
+                         hint="broadcast_axes")
+        summed = g.ReduceSum(grad, axes, keepdims=1, noop_with_empty_axes=1, hint="unbroadcast")
+        return g.reshape_like(summed, operand, hint="unbroadcast")
+
+    def same_pad_begins(self, x: str, kernel: Sequence[int], strides: Sequence[int],
+                        dilations: Sequence[int], auto_pad: str) -> str:
+        """The begin pads of ``auto_pad`` SAME_UPPER/SAME_LOWER for the run-time sizes of ``x``
+        (an int64 ``[r]`` tensor; ``geometry.explicit_pads`` is the static version):
+        ``total = max(0, (ceil(n / s) - 1) s + K - n)``, begin ``total // 2`` (UPPER) or
+        ``total - total // 2`` (LOWER)."""
+        g = self.g
+        rank = len(kernel)
+        n = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([2 + rank], "end"), hint="sizes")
+        s = g.ints(list(strides), "strides")
+        effective = g.ints([(k - 1) * d + 1 for k, d in zip(kernel, dilations)], "effective")
+        out = g.Div(g.Sub(g.Add(n, s), g.ints([1] * rank, "ones")), s, hint="out_sizes")
+        needed = g.Sub(g.Add(g.Mul(g.Sub(out, g.ints([1] * rank, "ones")), s), effective), n)
+        total = g.Max(needed, g.ints([0] * rank, "zeros"), hint="total_pads")
+        half = g.Div(total, g.ints([2] * rank, "twos"))
+        return half if auto_pad == "SAME_UPPER" else g.Sub(total, half, hint="begins")
 
     def fit_to_shape_of(self, grad: str, like: str, begins: Sequence[int] | str | None = None,
                         first_axis: int = 2) -> str:
@@ -144,11 +175,14 @@ class RuleContext:
 
         On each of those axes, the output keeps ``grad[begin : begin + size]`` (``size`` from
         ``Shape(like)``) and, where ``grad`` is too short, is zero-padded at the end. ``begins``
-        are int offsets or an int64 tensor (one entry per axis; default 0). With
-        ``ConvTranspose(dy, W, pads=begins + [0] * r)`` (no output_padding) this is the
-        input-gradient of a convolution whose spatial sizes are dynamic: windows never reach
-        input positions past the ConvTranspose's end (zero gradient), and positions past the
-        input end (end padding) are cut. Static sizes need no such step (``conv_transpose_geometry``).
+        are int offsets or an int64 tensor (one entry per axis; default 0).
+
+        The input-gradient of a convolution whose spatial sizes are dynamic (pads ``(b, e)``):
+        ``fit_to_shape_of(ConvTranspose(dy, W, pads=b + [0] * r, ...), x)``, or, when ``b`` is
+        only known at run time (SAME padding), ``fit_to_shape_of(ConvTranspose(dy, W), x, b)``,
+        in both cases without output_padding: windows never reach the input positions past the
+        ConvTranspose's end (their gradient is 0: padded) and the positions in the end padding
+        are cut. With static sizes ``conv_transpose_geometry`` does it without this step.
         """
         g = self.g
         rank = len(self.shape(like) or self.shape(grad) or ())

@@ -3,10 +3,9 @@
 With ``dY`` the gradient of the output:
 
 * Conv ``Y = W * X``:          ``dX = ConvTranspose(dY, W)`` with the same strides, pads,
-  dilations and group, and the output_padding that restores X's size. Emitted, where the weight
-  is a constant, as the equal and faster correlation ``Conv(dY, W')`` (stride 1: ``W'`` is ``W``
-  flipped with in/out channels swapped) or, for strided 2-D convolutions, its polyphase form
-  ``DepthToSpace(Conv(dY, W'))`` (geometry.gradient_correlation). With the padding trick,
+  dilations and group, and the output_padding that restores X's size. For stride 1 with a
+  constant weight, emitted as the equal and faster ``Conv(dY, W')``, ``W'`` = ``W`` flipped with
+  in/out channels swapped (geometry.flipped_kernel). With the padding trick,
   ``dY`` is first multiplied by the mask that zeroes output positions reading padding.
 * Gemm ``Y = a A' B' + b C``:  ``dA' = a dY B'^T``, ``dB' = a A'^T dY``, ``dC = unbroadcast(b dY)``.
 * MatMul ``Y = A B``:           ``dA = unbroadcast(dY B^T)``, ``dB = unbroadcast(A^T dY)``.
@@ -17,8 +16,8 @@ With ``dY`` the gradient of the output:
 
 from __future__ import annotations
 
-from ..geometry import (conv_transpose_geometry, explicit_pads, gradient_correlation,
-                        gradient_correlation_weight, padding_trick_mask)
+from ..geometry import (conv_transpose_geometry, explicit_pads, flipped_kernel,
+                        flipped_kernel_pads, padding_trick_mask)
 from .base import RuleContext, rule, unsupported_input
 
 
@@ -41,9 +40,10 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
         mask = padding_trick_mask(in_sizes, out_sizes, kernel, strides, dilations, pads)
         dy = g.Mul(dy, g.const(mask, "padding_trick_mask"), hint="masked")
     weight = ctx.constant(w)
-    axes = correlation_plan(in_sizes, out_sizes, kernel, strides, dilations, pads)
-    if weight is not None and axes is not None:
-        dx = conv_backward_as_correlation(g, dy, weight, group, axes, in_sizes)
+    flipped_pads = flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads)
+    if weight is not None and flipped_pads is not None:
+        dx = g.Conv(dy, g.const(flipped_kernel(weight, group), "w_flipped"), pads=flipped_pads,
+                    dilations=dilations, group=group, kernel_shape=kernel, hint="dx")
     else:
         # The backward weight is its own constant where it can be: one initializer feeding both
         # a Conv and a ConvTranspose has been miscompiled by OpenVINO.
@@ -58,36 +58,21 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
     return [dx] + [None] * (len(node.input) - 1)
 
 
-def correlation_plan(in_sizes, out_sizes, kernel, strides, dilations, pads):
-    """The per-axis correlation form of a Conv's input gradient, or None to use ConvTranspose.
+def flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads):
+    """Pads of the stride-1 Conv that computes ``dX``, or None to use ConvTranspose.
 
-    Used for stride 1 (any rank, dilation, group) and for equal strides > 1 of 2-D convolutions
-    whose kernel is at least the stride (else most polyphase taps would be zero). Measured in
-    onnxruntime 1.31 on CPU (benchmarks/micro.py): 3x3 stride 1 is 25-50 % faster as Conv, 1x1
-    the same, ResNet's 7x7 stride 2 stem 2-3x faster in polyphase form.
+    Stride 1 only: onnxruntime 1.31 (CPU) runs 3x3 kernels 20-40 % faster as a Conv than as a
+    ConvTranspose and 1x1 kernels alike; for stride 2 the polyphase Conv (+ DepthToSpace) was
+    slower than ConvTranspose (benchmarks/micro.py).
     """
-    rank = len(in_sizes)
     if any(s != 1 for s in strides):
-        if rank != 2 or len(set(strides)) != 1 or any(k < s for k, s in zip(kernel, strides)):
-            return None
-    axes = [gradient_correlation(in_sizes[i], out_sizes[i], kernel[i], strides[i], dilations[i],
-                                 pads[i]) for i in range(rank)]
-    return None if any(a is None for a in axes) else axes
-
-
-def conv_backward_as_correlation(g, dy: str, weight, group: int, axes, in_sizes) -> str:
-    """``dX`` as ``Conv(dY, W')`` (stride 1), or ``DepthToSpace(Conv(dY, W'))`` (polyphase)."""
-    w_back = g.const(gradient_correlation_weight(weight, group, axes), "w_correlation")
-    dx = g.Conv(dy, w_back, pads=[a.pads[0] for a in axes] + [a.pads[1] for a in axes],
-                dilations=[a.dilation for a in axes], group=group, hint="dx")
-    stride = axes[0].phases
-    if stride > 1:
-        dx = g.DepthToSpace(dx, blocksize=stride, mode="CRD", hint="dx")
-        if any(a.length * stride != n for a, n in zip(axes, in_sizes)):
-            rank = len(axes)
-            dx = g.Slice(dx, g.ints([0] * rank, "starts"), g.ints(in_sizes, "ends"),
-                         g.ints(list(range(2, 2 + rank)), "axes"), hint="dx")
-    return dx
+        return None
+    rank = len(in_sizes)
+    axes = [flipped_kernel_pads(in_sizes[i], out_sizes[i], kernel[i], dilations[i], pads[i])
+            for i in range(rank)]
+    if any(a is None for a in axes):
+        return None
+    return [a[0] for a in axes] + [a[1] for a in axes]
 
 
 @rule("Gemm")

@@ -16,7 +16,8 @@ Each rule forms the exact product ``f'(z) * dY`` and hands it to the method's ga
 * HardSwish:            ``f' = 0 (z < -3), z / 3 + 1/2 (-3 < z < 3), 1 (z > 3)``
 * Gelu, exact:          ``f = z Phi(z)``, ``f' = Phi(z) + z phi(z)`` (``Phi``, ``phi``: the normal
                         CDF and density)
-* Gelu, tanh:           ``f = z (1 + t) / 2``, ``t = tanh(c (z + 0.044715 z^3))``, ``c = sqrt(2/pi)``,
+* Gelu, tanh:           ``f = z (1 + t) / 2``, ``t = tanh(c (z + 0.044715 z^3))``,
+                        ``c = sqrt(2/pi)``,
                         ``f' = (1 + t) / 2 + z (1 - t^2) c (1 + 0.134145 z^2) / 2``
 * Swish(alpha) / SiLU:  ``f = z s``, ``s = sigmoid(alpha z)``, ``f' = s (1 + alpha z (1 - s))``
 * Mish:                 ``f = z tanh(softplus(z))``, ``f' = t + z (1 - t^2) sigmoid(z)``

@@ -13,7 +13,9 @@ None of them is an activation: the backward is the exact vector-Jacobian product
 * LayerNormalization over the axes from ``axis`` on, ``r = 1 / sqrt(var + eps)``,
   ``Xh = (X - mean) r``, ``Y = Xh scale + B``, ``G = dY scale``:
   ``dX = r (G - mean(G) - Xh mean(G Xh))``, ``dscale = unbroadcast(dY Xh)``,
-  ``dB = unbroadcast(dY)`` (means over the normalised axes). Its decomposed form (ReduceMean,
+  ``dB = unbroadcast(dY)`` (means over the normalised axes). InstanceNormalization is the same
+  over the spatial axes with a per-channel scale (torch's GroupNorm exports as one, between
+  reshapes). LayerNorm's decomposed form (ReduceMean,
   Sub, Pow, Sqrt, Div as exporters write it) needs no rule of its own: each op has one.
 """
 
@@ -68,18 +70,10 @@ def log_softmax_backward(ctx: RuleContext, node, grads, *, axis):
     return [g.Sub(dy, g.Mul(g.Exp(node.output[0]), total), hint="dx")]
 
 
-@rule("LayerNormalization")
-def layer_norm_backward(ctx: RuleContext, node, grads, *, axis, epsilon, stash_type):
-    dy = grads[0]
-    if any(grad is not None for grad in grads[1:]):
-        raise unsupported_input(node, 0, "feeds the Mean/InvStdDev outputs of "
-                                "LayerNormalization into the scores; not supported")
+def normalised_backward(ctx: RuleContext, node, dy: str, x: str, scale: str, axes: list[int],
+                        epsilon: float) -> tuple[str, str]:
+    """``(dX, Xh)`` of ``Y = Xh scale + B`` normalised over ``axes`` (LayerNorm formula)."""
     g = ctx.g
-    x, scale = node.input[0], node.input[1]
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    y = node.output[0]
-    rank = ctx.rank(x, node)
-    axes = list(range(axis % rank, rank))
     mean = g.ReduceMean(x, axes=axes, keepdims=1, hint="mean")
     centred = g.Sub(x, mean, hint="centred")
     variance = g.ReduceMean(g.Mul(centred, centred), axes=axes, keepdims=1, hint="variance")
@@ -90,9 +84,37 @@ def layer_norm_backward(ctx: RuleContext, node, grads, *, axis, epsilon, stash_t
     mean_product = g.ReduceMean(g.Mul(scaled, normalised), axes=axes, keepdims=1)
     dx = g.Mul(inv_std, g.Sub(g.Sub(scaled, mean_scaled), g.Mul(normalised, mean_product)),
                hint="dx")
+    return dx, normalised
+
+
+@rule("LayerNormalization")
+def layer_norm_backward(ctx: RuleContext, node, grads, *, axis, epsilon, stash_type):
+    dy = grads[0]
+    if any(grad is not None for grad in grads[1:]):
+        raise unsupported_input(node, 0, "feeds the Mean/InvStdDev outputs of "
+                                "LayerNormalization into the scores; not supported")
+    x, scale = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    y = node.output[0]
+    rank = ctx.rank(x, node)
+    dx, normalised = normalised_backward(ctx, node, dy, x, scale,
+                                         list(range(axis % rank, rank)), epsilon)
     out = [dx, None] + [None] * (len(node.input) - 2)
     if ctx.is_active(scale):
-        out[1] = ctx.unbroadcast(g.Mul(dy, normalised, hint="dscale"), scale, y)
+        out[1] = ctx.unbroadcast(ctx.g.Mul(dy, normalised, hint="dscale"), scale, y)
     if bias and ctx.is_active(bias):
         out[2] = ctx.unbroadcast(dy, bias, y)
     return out
+
+
+@rule("InstanceNormalization")
+def instance_norm_backward(ctx: RuleContext, node, grads, *, epsilon):
+    (dy,) = grads
+    x, scale, bias = node.input
+    for index, name in ((1, scale), (2, bias)):
+        if ctx.is_active(name):
+            raise unsupported_input(node, index, "depends on the data input")
+    rank = ctx.rank(x, node)
+    per_channel = ctx.g.Reshape(scale, ctx.g.ints([-1] + [1] * (rank - 2), "per_channel"))
+    dx, _ = normalised_backward(ctx, node, dy, x, per_channel, list(range(2, rank)), epsilon)
+    return [dx, None, None]

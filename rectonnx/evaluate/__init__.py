@@ -1,0 +1,16 @@
+"""The paper's quantitative evidence, reproducible on your data: ``rectonnx evaluate``.
+
+    from rectonnx.evaluate import EvalConfig, run
+    results = run(EvalConfig(out="report", epochs=8))            # the quick default
+    results = run(EvalConfig(out="paper", cifar10="~/cifar").paper())  # the paper's protocol
+
+experiments.py runs the experiments (training-dataset occlusion, noise level, ROAR/KAR, class
+sensitivity, effect of q, noise accumulation), training.py trains the paper's CNN in PyTorch,
+metrics.py holds the numbers, report.py writes the report directory. Needs torch (the ``torch``
+extra) and, for the default data, scikit-learn and scikit-image.
+"""
+
+from .experiments import (DEFAULT_METHODS, EXPERIMENTS, EvalConfig, configure, method_specs,
+                          run)
+
+__all__ = ["EvalConfig", "configure", "run", "method_specs", "DEFAULT_METHODS", "EXPERIMENTS"]

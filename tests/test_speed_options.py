@@ -1,0 +1,230 @@
+"""The speed work keeps the graph exact: each faster form against the form it replaced.
+
+* Conv backward: for stride 1 the explainer emits ``Conv(dY, flipped W)``; it must equal the
+  ConvTranspose graph (same rule with the flipped form switched off) on every geometry the
+  rule accepts, and ``flipped_kernel`` must equal torch's conv_transpose. Strided convolutions
+  keep ConvTranspose, with the backward weight in its own initializer.
+* The Explainer: IO binding and memory-budget chunking change no number; the activation
+  estimate scales with the image; ``from_graph`` runs a saved explainer graph.
+* The benchmark's eager PyTorch RectGrad (benchmarks/eager.py) computes what rectonnx does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+import rectonnx
+import rectonnx.rules.linear as linear
+from helpers import PROVIDERS, assert_close, distinct_values, parse, run_explainer
+from rectonnx.geometry import flipped_kernel, flipped_kernel_pads
+from rectonnx.runtime import Explainer, activation_bytes_per_sample, chunk_size_for_budget
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+# -- Conv backward as a Conv with the flipped kernel ---------------------------------------------
+STRIDE1_CONVS = {
+    # attrs, x shape (without N), W shape
+    "3x3_same": ("pads = [1, 1, 1, 1]", (4, 7, 6), (5, 4, 3, 3)),
+    "1x1": ("", (8, 5, 5), (6, 8, 1, 1)),
+    "5x5_asymmetric": ("pads = [2, 0, 1, 2]", (3, 9, 8), (4, 3, 5, 5)),
+    "dilated": ("pads = [2, 1, 2, 1], dilations = [2, 1]", (3, 9, 9), (4, 3, 3, 3)),
+    "rectangular_valid": ("", (3, 8, 9), (2, 3, 2, 4)),
+    "group2": ("group = 2, pads = [1, 1, 1, 1]", (4, 6, 6), (6, 2, 3, 3)),
+    "depthwise_multiplier2": ("group = 3, pads = [1, 1, 1, 1]", (3, 6, 6), (6, 1, 3, 3)),
+    "same_lower_even": ('auto_pad = "SAME_LOWER"', (2, 6, 7), (3, 2, 2, 2)),
+    "conv1d": ("pads = [2, 1]", (3, 11), (4, 3, 4)),
+    "conv3d": ("pads = [1, 0, 1, 1, 0, 1]", (2, 4, 5, 6), (3, 2, 3, 2, 3)),
+}
+
+
+def conv_model(attrs: str, x_shape, w_shape, rng, stride_attrs: str = ""):
+    weight = rng.standard_normal(w_shape).astype(np.float32)
+    dims = ",".join(str(d) for d in x_shape)
+    listed = ", ".join(a for a in (attrs, stride_attrs) if a)
+    attributes = f"<{listed}>" if listed else ""
+    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
+            f"conv (float[N,{dims}] x) => (float[N,3] logits) {{\n"
+            f"  y = Conv {attributes} (x, W)\n"
+            "  f = Flatten(y)\n  logits = MatMul(f, head)\n}")
+    # the head's width, from shape inference
+    model = parse(text, {"W": weight, "head": np.zeros((1, 3), np.float32)})
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    y = next(v for v in inferred.graph.value_info if v.name == "y")
+    width = int(np.prod([d.dim_value for d in y.type.tensor_type.shape.dim[1:]]))
+    return parse(text, {"W": weight, "head": rng.standard_normal((width, 3)).astype(np.float32)})
+
+
+def backward_ops(graph: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in graph.graph.node if n.name.startswith("grad/")]
+
+
+@pytest.mark.parametrize("name", sorted(STRIDE1_CONVS))
+def test_flipped_kernel_conv_equals_conv_transpose(name, rng, monkeypatch):
+    attrs, x_shape, w_shape = STRIDE1_CONVS[name]
+    model = conv_model(attrs, x_shape, w_shape, rng)
+    x = distinct_values((2, *x_shape), rng)
+    flipped = rectonnx.rewrite(model, "saliency")
+    assert "Conv" in backward_ops(flipped) and "ConvTranspose" not in backward_ops(flipped)
+    with monkeypatch.context() as patch:
+        patch.setattr(linear, "flipped_kernel_plan", lambda *args: None)
+        transposed = rectonnx.rewrite(model, "saliency")
+    assert "ConvTranspose" in backward_ops(transposed)
+    _, a = run_explainer(flipped, x, [0, 2])
+    _, b = run_explainer(transposed, x, [0, 2])
+    assert_close(a, b, "flipped-kernel Conv vs ConvTranspose", tol=1e-6, where=name)
+
+
+@pytest.mark.parametrize("group,shape", [(1, (6, 4, 3, 3)), (2, (6, 2, 3, 5)),
+                                         (4, (8, 1, 3, 3)), (1, (5, 3, 1, 1)),
+                                         (1, (4, 3, 4)), (2, (4, 1, 3, 2, 3))])
+def test_flipped_kernel_equals_torch_conv_transpose(group, shape, rng):
+    """conv(dY, flipped_kernel(W), pads (k-1)d-b) == conv_transpose(dY, W) (stride 1)."""
+    weight = rng.standard_normal(shape)
+    rank = len(shape) - 2
+    conv, conv_t = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
+                    3: (F.conv3d, F.conv_transpose3d)}[rank]
+    for dilation, pad in [(1, 0), (1, 1), (2, 1)]:
+        dy = torch.from_numpy(rng.standard_normal((2, shape[0]) + (7,) * rank))
+        expected = conv_t(dy, torch.from_numpy(weight), padding=pad, dilation=dilation,
+                          groups=group)
+        pads = [flipped_kernel_pads(n, 7, k, dilation, pad)
+                for n, k in zip(expected.shape[2:], shape[2:])]
+        if None in pads:  # pads wider than the kernel: the rule uses ConvTranspose
+            assert any((k - 1) * dilation < pad for k in shape[2:])
+            continue
+        assert all(begin == end for begin, end in pads)  # symmetric here, as torch pads
+        got = conv(dy, torch.from_numpy(flipped_kernel(weight, group)),
+                   padding=tuple(begin for begin, _ in pads), dilation=dilation, groups=group)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_flipped_kernel_pads_refuses_pads_wider_than_the_kernel(rng, monkeypatch):
+    assert flipped_kernel_pads(n=4, m=8, k=3, d=1, b=3) is None
+    model = conv_model("pads = [3, 3, 3, 3]", (2, 4, 4), (3, 2, 3, 3), rng)
+    graph = rectonnx.rewrite(model, "saliency")
+    assert "ConvTranspose" in backward_ops(graph)  # falls back, still exact (test_rules)
+
+
+def test_strided_conv_keeps_conv_transpose_with_its_own_weight(rng):
+    model = conv_model("pads = [1, 1, 1, 1]", (3, 8, 8), (4, 3, 3, 3), rng,
+                       stride_attrs="strides = [2, 2]")
+    graph = rectonnx.rewrite(model, "saliency")
+    transpose = next(n for n in graph.graph.node if n.op_type == "ConvTranspose")
+    forward = next(n for n in graph.graph.node if n.op_type == "Conv")
+    assert transpose.input[1] != forward.input[1]  # OpenVINO: no initializer shared by both
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    np.testing.assert_array_equal(weights[transpose.input[1]], weights[forward.input[1]])
+
+
+# -- the Explainer ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def net_and_model():
+    from rectonnx.converters.pytorch import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 5)).eval()
+    return net, export(net, torch.randn(1, 3, 16, 16))
+
+
+def test_io_binding_and_budget_chunks_change_nothing(net_and_model, rng):
+    _, model = net_and_model
+    x = rng.standard_normal((7, 3, 16, 16)).astype(np.float32)
+    plain = Explainer(model, "rectgrad", q=90, io_binding=False, providers=PROVIDERS)
+    bound = Explainer(model, "rectgrad", q=90, providers=PROVIDERS)
+    reference = plain.explain(x, [0, 1, 2, 3, 4, -1, -1])
+    for explainer in (bound, Explainer(model, "rectgrad", q=90, providers=PROVIDERS,
+                                       memory_budget_mb=1e-6)):
+        result = explainer.explain(x, [0, 1, 2, 3, 4, -1, -1])
+        np.testing.assert_array_equal(result.attribution, reference.attribution)
+        np.testing.assert_array_equal(result.logits, reference.logits)
+        np.testing.assert_array_equal(result.target, reference.target)
+    tiny = Explainer(model, "saliency", memory_budget_mb=1e-6, providers=PROVIDERS)
+    assert tiny.batch_size == 1 and tiny.bytes_per_sample > 0
+    empty = bound.explain(np.zeros((0, 3, 16, 16), np.float32))
+    assert empty.attribution.shape == (0, 3, 16, 16) and empty.logits.shape == (0, 5)
+
+
+def test_memory_budget_sets_the_chunk(net_and_model):
+    _, model = net_and_model
+    per_sample = Explainer(model, "rectgrad", memory_budget_mb=1e6).bytes_per_sample
+    explainer = Explainer(model, "rectgrad", batch_size=1000,
+                          memory_budget_mb=10.5 * per_sample / 2 ** 20)
+    assert explainer.batch_size == 10
+    assert chunk_size_for_budget(per_sample, 1e-9) == 1
+    assert Explainer(model, "rectgrad", batch_size=4, memory_budget_mb=1e6).batch_size == 4
+    with pytest.raises(ValueError, match="positive"):
+        Explainer(model, "rectgrad", memory_budget_mb=0)
+
+
+def test_activation_estimate_scales_with_the_image():
+    """The same net on 4x the pixels needs about 4x the activation memory per sample; the
+    estimate counts at least the input, the attribution and one activation."""
+    def graph(size):
+        return rectonnx.rewrite(parse(
+            '<ir_version: 8, opset_import: ["" : 17]>\n'
+            f"m (float[N,3,{size},{size}] x) => (float[N,4] logits) {{\n"
+            "  h = Conv <pads = [1, 1, 1, 1]> (x, W)\n  r = Relu(h)\n"
+            "  g = GlobalAveragePool(r)\n  f = Flatten(g)\n  logits = MatMul(f, head)\n}",
+            {"W": np.ones((16, 3, 3, 3), np.float32), "head": np.ones((16, 4), np.float32)}),
+            "rectgrad")
+    small, large = (activation_bytes_per_sample(graph(s)) for s in (16, 32))
+    assert 3.5 < large / small < 4.5
+    assert small >= 4 * (2 * 3 * 16 * 16 + 16 * 16 * 16)
+
+
+def test_from_graph_runs_a_saved_explainer_graph(net_and_model, tmp_path, rng):
+    _, model = net_and_model
+    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    graph = rectonnx.rewrite(model, "guided_backprop")
+    onnx.save(graph, tmp_path / "g.onnx")
+    loaded = Explainer.from_graph(tmp_path / "g.onnx", batch_size=2, providers=PROVIDERS)
+    assert loaded.method == "guided_backprop"
+    direct = Explainer(model, "guided_backprop", providers=PROVIDERS).explain(x, 1)
+    np.testing.assert_array_equal(loaded.explain(x, 1).attribution, direct.attribution)
+    with pytest.raises(rectonnx.InputError, match="not an explainer graph"):
+        Explainer.from_graph(model)
+
+
+def test_fixed_batch_model_with_io_binding_pads_the_last_chunk(rng):
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    result = Explainer(model, "saliency", providers=PROVIDERS).explain(x, [0, 1, 2])
+    expected = (x > 0) * w[:, [0, 1, 2]].T
+    np.testing.assert_allclose(result.attribution, expected, rtol=1e-6)
+
+
+# -- the benchmark's eager baseline -------------------------------------------------------------
+def test_eager_torch_rectgrad_matches_rectonnx(net_and_model):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from eager import TorchRectGrad
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    net, model = net_and_model
+    x = distinct_values((4, 3, 16, 16), np.random.default_rng(3))
+    for q in (50.0, 90.0, 98.0):
+        logits, attribution = TorchRectGrad(net, q)(torch.from_numpy(x),
+                                                    torch.tensor([0, 1, 4, 2]))
+        _, expected = run_explainer(rectonnx.rewrite(model, "rectgrad", q=q), x, [0, 1, 4, 2])
+        assert (expected > 0).any()
+        assert_close(attribution.numpy(), expected, "eager torch RectGrad vs rectonnx",
+                     tol=1e-4, where=f"q{q}")

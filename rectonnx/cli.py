@@ -68,9 +68,11 @@ def main():
 @click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
               show_default=True, help="RectGrad percentile algorithm (same result): topk is "
                                       "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
+@click.option("--q-input", is_flag=True,
+              help="RectGrad: make q an optional graph input (float64 [1] or [N]; default --q).")
 @friendly_errors
 def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name,
-            threshold):
+            threshold, q_input):
     """Write the explainer graph of MODEL (inputs: image, target; outputs: logits, attribution)."""
     import onnx
 
@@ -78,7 +80,8 @@ def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, outpu
 
     started = time.perf_counter()
     graph = rewrite_model(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                          input_name=input_name, output_name=output_name, threshold=threshold)
+                          input_name=input_name, output_name=output_name, threshold=threshold,
+                          q_input=q_input)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, output)
     click.echo(f"wrote {output}: {method}, {len(graph.graph.node)} nodes, "
@@ -193,11 +196,13 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
               default="auto", show_default=True, help="Where Triton runs the instances.")
 @click.option("--instances", "instance_count", type=click.IntRange(1), default=1,
               show_default=True, help="Model instances per device.")
+@click.option("--q-input", is_flag=True,
+              help="RectGrad: make q an optional per-request input (FP64; default --q).")
 @click.option("--force", is_flag=True, help="Replace an existing version directory.")
 @friendly_errors
 def export_triton(model, repo, name, version, method, q, tau, padding_trick, prr, input_name,
                   output_name, threshold, max_batch_size, max_queue_delay_us, instance_kind,
-                  instance_count, force):
+                  instance_count, q_input, force):
     """Write MODEL's explainer graph as a Triton model repository entry (onnxruntime backend)."""
     from .serve import export_triton as export
 
@@ -205,7 +210,7 @@ def export_triton(model, repo, name, version, method, q, tau, padding_trick, prr
                      padding_trick=padding_trick, prr=prr, input_name=input_name,
                      output_name=output_name, threshold=threshold, max_batch_size=max_batch_size,
                      max_queue_delay_us=max_queue_delay_us, instance_kind=instance_kind,
-                     instance_count=instance_count, overwrite=force)
+                     instance_count=instance_count, q_input=q_input, overwrite=force)
     click.echo(f"wrote {written.model_file} and {written.config_file}")
     click.echo(written.summary())
 

@@ -68,15 +68,16 @@ def guided_gate(ctx: RuleContext, act: Activation) -> str:
     return ctx.g.Relu(act.exact, hint="guided")
 
 
-def rectified_gate(q: float, tau: float | None,
-                   threshold: str = DEFAULT_ALGORITHM) -> ActivationRule:
+def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORITHM,
+                   q_tensor: str | None = None) -> ActivationRule:
     """RectGrad: keep the gradient where the importance score ``y R`` exceeds ``tau``
-    (``threshold`` names the algorithm for the percentile; both give the same tau)."""
+    (``threshold`` names the algorithm for the percentile; both give the same tau;
+    ``q_tensor`` names a graph input that sets ``q`` at run time)."""
     def gate(ctx: RuleContext, act: Activation) -> str:
         g = ctx.g
         scores = g.Mul(act.y, act.upstream, hint="importance")
         if tau is None:
-            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold)
+            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
         else:
             cut = g.scalar(tau, hint="tau")
         passed = act.upstream if act.is_relu else act.exact
@@ -112,26 +113,32 @@ METHOD_NAMES = tuple(SIMPLE_METHODS) + ("rectgrad",) + BASELINE_NAMES
 
 
 def rectgrad(q: float = 98.0, tau: float | None = None,
-             threshold: str = DEFAULT_ALGORITHM) -> Method:
+             threshold: str = DEFAULT_ALGORITHM, q_input: str | None = None) -> Method:
+    """RectGrad; ``q_input`` names a graph input that sets ``q`` per sample (default ``q``)."""
     if tau is None and not 0.0 <= q <= 100.0:
         raise ValueError(f"q must be a percentile in [0, 100], got {q}")
+    if q_input is not None and tau is not None:
+        raise ValueError("q as an input needs the percentile threshold (tau=None)")
     check_algorithm(threshold)
     summary = f"RectGrad, tau = {tau}" if tau is not None else f"RectGrad, q = {q}"
-    return Method("rectgrad", rectified_gate(q, tau, threshold), positive_times_input, summary,
-                  {"q": q, "tau": tau, "threshold": threshold})
+    return Method("rectgrad", rectified_gate(q, tau, threshold, q_input), positive_times_input,
+                  summary, {"q": q, "tau": tau, "threshold": threshold, "q_input": q_input})
 
 
 def get_method(name: str, *, q: float = 98.0, tau: float | None = None,
-               threshold: str = DEFAULT_ALGORITHM, **options) -> Method:
-    """The method called ``name``; ``q``/``tau``/``threshold`` parametrise RectGrad and
-    ``options`` a baseline (baselines.py)."""
+               threshold: str = DEFAULT_ALGORITHM, q_input: str | None = None,
+               **options) -> Method:
+    """The method called ``name``; ``q``/``tau``/``threshold``/``q_input`` parametrise RectGrad
+    and ``options`` a baseline (baselines.py)."""
+    if q_input is not None and name != "rectgrad":
+        raise ValueError(f"q as an input is RectGrad's percentile; {name} has no q")
     if name in BASELINE_NAMES:
         from .baselines import baseline_method
         return baseline_method(name, **options)
     if options:
         raise ValueError(f"{name} has no option {', '.join(sorted(options))}")
     if name == "rectgrad":
-        return rectgrad(q, tau, threshold)
+        return rectgrad(q, tau, threshold, q_input)
     try:
         return SIMPLE_METHODS[name]
     except KeyError:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
@@ -26,14 +27,14 @@ from .normalize import (OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, normal
 from .rules import RuleContext
 from .walker import backpropagate, check_supported, node_names_filled
 
-LOGITS, ATTRIBUTION, TARGET = "logits", "attribution", "target"
+LOGITS, ATTRIBUTION, TARGET, Q = "logits", "attribution", "target", "q"
 
 
 def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | None = None,
             padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
             output_name: str | None = None, threshold: str = "topk",
             final_percentile: float | None = None, layer_outputs: bool = False,
-            **method_options) -> onnx.ModelProto:
+            q_input: bool = False, **method_options) -> onnx.ModelProto:
     """Return the explainer graph of ``model`` for ``method``.
 
     Args:
@@ -52,11 +53,16 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
             final thresholding uses 95), zero the rest.
         layer_outputs: also output ``attribution/<node>``, the gradient of the method at the
             output of every activation node (combined over copies like the input gradient).
+        q_input: RectGrad's percentile becomes a graph input ``q`` (float64, ``[1]`` or one per
+            sample ``[N]``) with ``q`` as its default: an input with an initializer of the same
+            name (IR >= 4), so a server sets it per request. Clipped to [0, 100]; NaN means the
+            default. onnxruntime and onnx.reference accept it; OpenVINO keeps the default.
         method_options: the baseline's options, e.g. ``samples``, ``sigma``, ``seed``
             (smoothgrad), ``steps``, ``baseline``, ``integration`` (integrated_gradients),
             ``baseline`` (deeplift), ``epsilon`` (epsilon_lrp); see baselines.py.
     """
-    chosen = get_method(method, q=q, tau=tau, threshold=threshold, **method_options)
+    chosen = get_method(method, q=q, tau=tau, threshold=threshold,
+                        q_input=Q if q_input else None, **method_options)
     if final_percentile is not None and not 0.0 <= final_percentile <= 100.0:
         raise ValueError(f"final_percentile must be in [0, 100], got {final_percentile}")
     norm = normalize(model, input_name=input_name, output_name=output_name)
@@ -67,7 +73,7 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
     graph = norm.graph
     taken = {name for n in graph.node for name in list(n.input) + list(n.output)}
     taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
-    taken |= {LOGITS, ATTRIBUTION, TARGET}
+    taken |= {LOGITS, ATTRIBUTION, TARGET, Q}
     g = GraphBuilder(taken)
     layers: dict[str, str] = {}  # activation output -> the gradient reaching it
     walked = _recording(chosen, layers) if layer_outputs else chosen
@@ -93,7 +99,8 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
             g.Identity(copies.combine(g, layers[node.output[0]], len(shape or ())),
                        outputs=[name])
             extra.append((name, shape))
-    return assemble(norm, g, chosen.name, extra)
+    defaults = {Q: np.array([q], np.float64)} if q_input else {}
+    return assemble(norm, g, chosen.name, extra, defaults)
 
 
 def _recording(method, layers: dict[str, str]):
@@ -107,7 +114,7 @@ def _recording(method, layers: dict[str, str]):
 def _reserve_contract_names(norm: NormalizedModel) -> None:
     """Make ``logits`` the scores tensor and free the names ``target`` and ``attribution``."""
     graph = norm.graph
-    for name in (TARGET, ATTRIBUTION, LOGITS):
+    for name in (TARGET, ATTRIBUTION, LOGITS, Q):
         if name != norm.logits_name and _tensor_exists(graph, name):
             _rename_everywhere(norm, name, f"model/{name}")
     if norm.logits_name != LOGITS:
@@ -152,7 +159,10 @@ def one_hot_seed(g: GraphBuilder, norm: NormalizedModel, logits: str, target: st
 
 
 def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
-             extra_outputs: list[tuple[str, tuple | None]] = ()) -> onnx.ModelProto:
+             extra_outputs: list[tuple[str, tuple | None]] = (),
+             defaults: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The explainer model; ``defaults``: extra per-sample inputs (``[1]`` or ``[N]``) with
+    default values (graph inputs with an initializer of the same name)."""
     graph = norm.graph
     data_input = next(i for i in graph.input if i.name == norm.input_name)
     batch = data_input.type.tensor_type.shape.dim[0] if \
@@ -168,8 +178,13 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
     nodes = prune([*graph.node, *g.nodes], {o.name for o in outputs})
     used = {name for n in nodes for name in n.input}
     initializers = [t for t in [*graph.initializer, *g.initializers] if t.name in used]
+    inputs = [data_input, target_info]
+    for name, value in (defaults or {}).items():
+        inputs.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(value.dtype), ["Q"]))
+        initializers.append(numpy_helper.from_array(value, name))
     explainer = helper.make_graph(nodes, f"{graph.name or 'model'}_{method_name}",
-                                  [data_input, target_info], outputs, initializers)
+                                  inputs, outputs, initializers)
     model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", TARGET_OPSET)],
                               ir_version=OUTPUT_IR_VERSION, producer_name="rectonnx")
     for key, value in (("rectonnx.method", method_name),):

@@ -216,10 +216,12 @@ def export_triton(model, repo, *, name: str | None = None, version: int = 1,
                   output_name: str | None = None, threshold: str = "topk",
                   max_batch_size: int = 32,
                   max_queue_delay_us: int = 1000, preferred_batch_sizes=(),
-                  instance_kind: str = "auto", instance_count: int = 1,
+                  instance_kind: str = "auto", instance_count: int = 1, q_input: bool = False,
                   overwrite: bool = False, graph: onnx.ModelProto | None = None) -> Exported:
     """Rewrite ``model`` (or take the explainer ``graph``, or ``model`` when it is one already)
-    and write a Triton entry; the method options then come with the graph."""
+    and write a Triton entry; the method options then come with the graph. ``q_input``:
+    RectGrad's percentile becomes an optional per-request input ``q`` (FP64, default ``q``),
+    so one deployed model serves every percentile."""
     from .rewrite import rewrite
 
     if version < 1:
@@ -231,7 +233,8 @@ def export_triton(model, repo, *, name: str | None = None, version: int = 1,
         graph = explainer_graph_in(model)
     if graph is None:
         graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                        input_name=input_name, output_name=output_name, threshold=threshold)
+                        input_name=input_name, output_name=output_name, threshold=threshold,
+                        q_input=q_input)
     config = triton_config(graph, name, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us,
                            preferred_batch_sizes=preferred_batch_sizes,

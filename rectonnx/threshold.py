@@ -55,11 +55,13 @@ def check_algorithm(algorithm: str) -> str:
 
 
 def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: float,
-                         algorithm: str = DEFAULT_ALGORITHM) -> str:
+                         algorithm: str = DEFAULT_ALGORITHM, q_tensor: str | None = None) -> str:
     """Per-sample threshold, shaped ``[N, 1, ..., 1]`` to broadcast against ``scores``.
 
     Every intermediate keeps the activation's rank (``[N, X, 1, ..., 1]``), reducing over axis
-    1 with keepdims, so the result needs no final Reshape.
+    1 with keepdims, so the result needs no final Reshape. With ``q_tensor`` (a float64 tensor
+    of percentiles, ``[1]`` or one per sample ``[N]``) the percentile is read at run time and
+    ``k`` computed per sample in the graph; ``q`` is then only the default for NaN entries.
     """
     check_algorithm(algorithm)
     rank = len(shape) if shape is not None else None
@@ -68,6 +70,14 @@ def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: f
     tail = shape[1:]
     size = int(np.prod(tail)) if all(isinstance(d, int) for d in tail) else None
     ones = [1] * (rank - 2)
+    if q_tensor is not None:
+        flat = g.Reshape(scores, g.ints([0, -1], "per_sample"), hint="scores_flat")
+        k = rank_from_tensor(g, flat, q_tensor, q)
+        if algorithm == "bisect":
+            tau = kth_largest_by_counting(g, flat, size, q, k=g.Cast(k, to=TensorProto.FLOAT))
+        else:
+            tau = kth_largest_per_row(g, flat, k)
+        return g.Reshape(tau, g.ints([-1, 1] + ones, "broadcast"), hint="tau")
     if algorithm == "bisect":
         if size is not None and size >= COUNT_LIMIT:
             raise ValueError(f"threshold='bisect' counts in float32 and needs fewer than 2^24 "
@@ -92,6 +102,32 @@ def dynamic_rank(g: GraphBuilder, flat: str, q: float) -> str:
     fraction = g.const(np.array([1.0 - q / 100.0], np.float64), "fraction")
     return g.Add(g.Cast(g.Round(g.Mul(m_minus_1, fraction)), to=TensorProto.INT64),
                  g.ints([1], "one"), hint="k")
+
+
+def rank_from_tensor(g: GraphBuilder, flat: str, q: str, default: float) -> str:
+    """``k = round_half_even((M - 1)(1 - q/100)) + 1`` per sample, int64 ``[N, 1]``, from the
+    float64 tensor ``q`` (``[1]`` or ``[N]``; clipped to [0, 100], NaN means ``default``).
+    The same float64 arithmetic as ``percentile_rank``, so ``k`` is the same."""
+    shape = g.Shape(flat, hint="shape")
+    m = g.Gather(shape, g.ints([1], "index"), axis=0, hint="m")
+    m_minus_1 = g.Cast(g.Sub(m, g.ints([1], "one")), to=TensorProto.DOUBLE)
+    q = g.Cast(q, to=TensorProto.DOUBLE, hint="q")
+    q = g.Where(g.IsNaN(q), g.const(np.float64(default), "q_default"), q, hint="q")
+    q = g.Clip(q, g.const(np.float64(0.0), "q_min"), g.const(np.float64(100.0), "q_max"))
+    fraction = g.Sub(g.const(np.float64(1.0), "one"), g.Div(q, g.const(np.float64(100.0),
+                                                                       "hundred")))
+    k = g.Add(g.Cast(g.Round(g.Mul(m_minus_1, fraction)), to=TensorProto.INT64),
+              g.ints([1], "one"), hint="k")
+    rows = g.Concat(g.Gather(shape, g.ints([0], "index"), axis=0), g.ints([1], "one"), axis=0)
+    return g.Expand(g.Reshape(k, g.ints([-1, 1], "column")), rows, hint="k")
+
+
+def kth_largest_per_row(g: GraphBuilder, flat: str, k: str) -> str:
+    """``[N, 1]``: the ``k[n]``-th largest of row ``n`` of ``flat`` ``[N, M]`` (``k`` int64
+    ``[N, 1]``, ``1 <= k <= M``): one sorted TopK to the largest ``k``, then a gather per row."""
+    most = g.ReduceMax(g.Reshape(k, g.ints([-1], "flat")), axes=[0], keepdims=1, hint="k_max")
+    top, _ = g.op("TopK", flat, most, axis=1, largest=1, sorted=1, outputs=2, hint="top")
+    return g.GatherElements(top, g.Sub(k, g.ints([1], "one")), axis=1, hint="tau")
 
 
 # -- TopK -----------------------------------------------------------------------------------------
@@ -180,10 +216,16 @@ def _count_at_least(g: GraphBuilder, values: str, threshold: str, hint: str) -> 
     return g.ReduceSum(hits, g.ints([1], "axes"), keepdims=1, hint=hint)
 
 
-def kth_largest_by_counting(g: GraphBuilder, flat: str, size: int | None, q: float) -> str:
-    """``[N, 1]``: the k-th largest of each row, by counting only (no TopK, no sort)."""
+def kth_largest_by_counting(g: GraphBuilder, flat: str, size: int | None, q: float,
+                            k: str | None = None) -> str:
+    """``[N, 1]``: the k-th largest of each row, by counting only (no TopK, no sort); ``k``
+    (float ``[N, 1]``) overrides the rank that ``q`` gives."""
     zero = g.scalar(0.0)
-    if size is not None:
+    if k is not None:
+        m = g.scalar(float(size), hint="m") if size is not None else \
+            g.Cast(g.Gather(g.Shape(flat), g.ints([1], "index"), axis=0), to=TensorProto.FLOAT,
+                   hint="m")
+    elif size is not None:
         k = g.scalar(float(percentile_rank(size, q)), hint="k")
         m = g.scalar(float(size), hint="m")
     else:

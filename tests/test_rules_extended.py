@@ -781,6 +781,114 @@ def test_symbolic_height_and_width(method):
                          where=f"{height}x{width}")
 
 
+class DynamicConvNet(nn.Module):
+    """Convolutions of every kind the dynamic-size Conv backward handles: stride 1 (flipped
+    kernel), stride 2 (ConvTranspose fitted to the input), dilated depthwise, 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, stride=2,
+                                                                              padding=1),
+                                    nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
+                                    nn.Conv2d(8, 6, 1)])
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if i == 2:
+                x = F.max_pool2d(x, 2, ceil_mode=True)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def export_sizes(module, example, dynamic: bool) -> onnx.ModelProto:
+    import io
+    import warnings
+    buffer = io.BytesIO()
+    axes = {"x": {0: "N", 2: "H", 3: "W"}, "scores": {0: "N"}} if dynamic else \
+        {"x": {0: "N"}, "scores": {0: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.as_tensor(example),), buffer, dynamo=False,
+                          input_names=["x"], output_names=["scores"], dynamic_axes=axes,
+                          opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+SIZES = [(21, 23), (24, 24), (19, 16)]
+
+
+def test_conv_net_with_symbolic_height_and_width_against_torch():
+    """One explainer of a CNN exported with symbolic H and W: saliency equals torch autograd at
+    every size; RectGrad, guided backprop and the padding trick give what the explainer of the
+    same net exported at that fixed size gives."""
+    torch.manual_seed(0)
+    net = DynamicConvNet().eval()
+    model = export_sizes(net, torch.randn(1, 3, 12, 12), dynamic=True)
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "H", "W"]
+    options = [("rectgrad", {"q": 80.0, "padding_trick": True}),
+               ("guided_backprop", {"padding_trick": True}), ("rectgrad", {"q": 50.0})]
+    explainers = {("saliency", "{}"): rectonnx.rewrite(model, "saliency")}
+    for method, extra in options:
+        explainers[method, str(extra)] = rectonnx.rewrite(model, method, **extra)
+    for i, (height, width) in enumerate(SIZES):
+        x = distinct_values((2, 3, height, width), np.random.default_rng(i))
+        logits, attribution = run_explainer(explainers["saliency", "{}"], x, [1, -1])
+        expected_logits, expected = torch_gradient(net, x, [1, -1])
+        assert_close(logits, expected_logits, "forward logits vs torch",
+                     where=f"dynamic conv {height}x{width}")
+        assert_close(attribution, expected, "gradient vs torch autograd",
+                     where=f"dynamic conv {height}x{width}")
+        static = export_sizes(net, torch.from_numpy(x[:1]), dynamic=False)
+        for method, extra in options:
+            _, got = run_explainer(explainers[method, str(extra)], x, [1, -1])
+            _, want = explain(static, x, [1, -1], method, **extra)
+            assert np.abs(want).max() > 0
+            assert_close(got, want, "dynamic vs static sizes",
+                         where=f"{method}/{extra}/{height}x{width}")
+
+
+SAME_BODY = """
+    a = Conv <auto_pad = "SAME_UPPER", strides = [2, 2], kernel_shape = [4, 4]> (x, w1)
+    r = Relu(a)
+    b = Conv <auto_pad = "SAME_LOWER", strides = [1, 2], kernel_shape = [3, 2]> (r, w2)
+    t = Relu(b)
+    p = GlobalAveragePool(t)
+    f = Flatten(p)
+    logits = MatMul(f, head)
+"""
+
+
+def same_model(height="H", width="W"):
+    rng = np.random.default_rng(7)
+    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
+            f"same (float[N,2,{height},{width}] x) => (float[N,3] logits) {{{SAME_BODY}}}")
+    return parse(text, {"w1": rng.standard_normal((4, 2, 4, 4)).astype(np.float32),
+                        "w2": rng.standard_normal((5, 4, 3, 2)).astype(np.float32),
+                        "head": rng.standard_normal((5, 3)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("padding_trick", [False, True])
+def test_same_padded_convs_with_symbolic_sizes(padding_trick):
+    """SAME_UPPER/SAME_LOWER convolutions whose pads depend on the run-time size: saliency by
+    central differences, RectGrad against the explainer built for the fixed size."""
+    dynamic = {m: rectonnx.rewrite(same_model(), m, q=60.0, padding_trick=padding_trick)
+               for m in ("saliency", "rectgrad")}
+    for i, (height, width) in enumerate([(7, 9), (8, 8), (5, 6)]):
+        x = distinct_values((2, 2, height, width), np.random.default_rng(10 + i))
+        fixed = same_model(height, width)
+        for method, explainer in dynamic.items():
+            _, got = run_explainer(explainer, x, [0, -1])
+            _, want = explain(fixed, x, [0, -1], method, q=60.0, padding_trick=padding_trick)
+            assert_close(got, want, "dynamic vs static sizes",
+                         where=f"SAME/{method}/{padding_trick}/{height}x{width}")
+        if not padding_trick:
+            _, got = run_explainer(dynamic["saliency"], x, [0, -1])
+            assert_close(got, fd_gradient(Reference(fixed), x, [0, -1]),
+                         "gradient vs central differences", where=f"SAME {height}x{width}")
+
+
 class FlattenNet(nn.Module):
     def __init__(self):
         super().__init__()

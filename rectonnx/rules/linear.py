@@ -7,6 +7,9 @@ With ``dY`` the gradient of the output:
   constant weight, emitted as the equal and faster ``Conv(dY, W')``, ``W'`` = ``W`` flipped with
   in/out channels swapped (geometry.flipped_kernel). With the padding trick,
   ``dY`` is first multiplied by the mask that zeroes output positions reading padding.
+  With spatial sizes known only at run time (symbolic H, W), the ConvTranspose has only the
+  begin pads (for SAME padding computed from ``Shape(X)``) and its result is fitted to
+  ``Shape(X)``; the padding-trick mask is then ``Conv(ones, ones_kernel) == prod(kernel)``.
 * Gemm ``Y = a A' B' + b C``:  ``dA' = a dY B'^T``, ``dB' = a A'^T dY``, ``dC = unbroadcast(b dY)``.
 * MatMul ``Y = A B``:           ``dA = unbroadcast(dY B^T)``, ``dB = unbroadcast(A^T dY)``.
 * Add/Sub/Sum:                  ``dA = unbroadcast(dY)``, ``dB = unbroadcast(+-dY)``.
@@ -15,6 +18,9 @@ With ``dY`` the gradient of the output:
 """
 
 from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
 
 from ..geometry import (conv_transpose_geometry, explicit_pads, flipped_kernel,
                         flipped_kernel_pads, padding_trick_mask)
@@ -28,12 +34,16 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
     x, w = node.input[0], node.input[1]
     if ctx.is_active(w):
         raise unsupported_input(node, 1, "(the weight) depends on the data input")
-    in_sizes = ctx.static_shape(x, node, slice(2, None))
-    out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
-    rank = len(in_sizes)
+    rank = ctx.rank(x, node) - 2
     kernel = list(kernel_shape or ctx.static_shape(w, node, slice(2, None)))
     strides = list(strides or [1] * rank)
     dilations = list(dilations or [1] * rank)
+    if not _static_sizes(ctx, x, node.output[0]):
+        return [_conv_backward_dynamic(ctx, node, dy, kernel=kernel, strides=strides,
+                                       dilations=dilations, pads=pads, auto_pad=auto_pad,
+                                       group=group)] + [None] * (len(node.input) - 1)
+    in_sizes = ctx.static_shape(x, node, slice(2, None))
+    out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
     pads = explicit_pads(auto_pad, pads, in_sizes, kernel, strides, dilations)
     g = ctx.g
     if ctx.padding_trick and any(pads):
@@ -45,17 +55,75 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
         dx = g.Conv(dy, g.const(flipped_kernel(weight, group), "w_flipped"), pads=flipped_pads,
                     dilations=dilations, group=group, kernel_shape=kernel, hint="dx")
     else:
-        # The backward weight is its own constant where it can be: one initializer feeding both
-        # a Conv and a ConvTranspose has been miscompiled by OpenVINO.
-        w_back = g.const(weight, "w_transpose") if weight is not None else w
         geometry = conv_transpose_geometry(in_sizes, out_sizes, kernel, strides, dilations, pads)
-        dx = g.ConvTranspose(dy, w_back, strides=strides, pads=geometry.pads,
+        dx = g.ConvTranspose(dy, _backward_weight(ctx, w), strides=strides, pads=geometry.pads,
                              dilations=dilations, group=group, kernel_shape=kernel,
                              output_padding=geometry.output_padding, hint="dx")
         if geometry.needs_extra:
             dx = g.Pad(dx, g.ints([0] * (rank + 2) + [0, 0] + geometry.extra_end, "pads"),
                        hint="dx")
     return [dx] + [None] * (len(node.input) - 1)
+
+
+def _static_sizes(ctx: RuleContext, *names: str) -> bool:
+    shapes = [ctx.shape(name) for name in names]
+    return all(shape is not None and all(isinstance(d, int) for d in shape[2:])
+               for shape in shapes)
+
+
+def _backward_weight(ctx: RuleContext, w: str) -> str:
+    """The weight for the ConvTranspose: its own constant where it can be, because one
+    initializer feeding both a Conv and a ConvTranspose has been miscompiled by OpenVINO."""
+    weight = ctx.constant(w)
+    return ctx.g.const(weight, "w_transpose") if weight is not None else w
+
+
+def _conv_backward_dynamic(ctx: RuleContext, node, dy: str, *, kernel, strides, dilations, pads,
+                           auto_pad, group) -> str:
+    """``dX`` of a convolution whose spatial sizes are known only at run time.
+
+    ``ConvTranspose(dy, W)`` with the begin pads ``b`` (explicit, or computed from ``Shape(X)``
+    for SAME padding), fitted to ``Shape(X)`` (``RuleContext.fit_to_shape_of``): input positions
+    past the transpose's end are read by no window (gradient 0), those in the end padding are
+    cut. With the padding trick, ``dy`` is first masked where the window reads padding: a Conv of
+    ones over ``Shape(X)`` with a ones kernel counts the real taps of each window, and the mask
+    is ``count == prod(kernel)``.
+    """
+    g = ctx.g
+    x, w = node.input[0], node.input[1]
+    rank = len(kernel)
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    explicit = None if same else explicit_pads(auto_pad, pads, [None] * rank, kernel, strides,
+                                               dilations)
+    if ctx.padding_trick and (same or any(explicit)):
+        spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([rank + 2], "end"))
+        ones = g.ConstantOfShape(g.Concat(g.ints([1, 1], "one_one"), spatial, axis=0),
+                                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+                                 hint="ones")
+        window = {"auto_pad": auto_pad} if same else {"pads": explicit}
+        taps = g.Conv(ones, g.const(np.ones([1, 1] + kernel, np.float32), "ones_kernel"),
+                      kernel_shape=kernel, strides=strides, dilations=dilations, hint="taps",
+                      **window)
+        inside = g.Cast(g.Equal(taps, g.scalar(float(np.prod(kernel)))), to=TensorProto.FLOAT,
+                        hint="padding_trick_mask")
+        dy = g.Mul(dy, inside, hint="masked")
+    weight = ctx.constant(w)
+    if weight is not None and all(s == 1 for s in strides) and not same:
+        # Stride 1: the output is X's size minus (k - 1) d plus the pads, whatever X's size, so
+        # the flipped-kernel Conv needs no fitting.
+        reach = [(k - 1) * d for k, d in zip(kernel, dilations)]
+        flipped_pads = [r - b for r, b in zip(reach, explicit[:rank])] + \
+                       [r - e for r, e in zip(reach, explicit[rank:])]
+        if min(flipped_pads) >= 0:
+            return g.Conv(dy, g.const(flipped_kernel(weight, group), "w_flipped"),
+                          pads=flipped_pads, dilations=dilations, group=group,
+                          kernel_shape=kernel, hint="dx")
+    begin_pads = list(explicit[:rank]) if not same else [0] * rank
+    spread = g.ConvTranspose(dy, _backward_weight(ctx, w), strides=strides,
+                             pads=begin_pads + [0] * rank, dilations=dilations, group=group,
+                             kernel_shape=kernel, hint="spread")
+    begins = ctx.same_pad_begins(x, kernel, strides, dilations, auto_pad) if same else None
+    return ctx.fit_to_shape_of(spread, x, begins=begins)
 
 
 def flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads):

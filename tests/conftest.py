@@ -1,10 +1,13 @@
 """Shared pytest set-up: one torch thread, deterministic seeds, a summary of the largest error
 each oracle saw (printed at the end of the run, so the numbers in reports come from the tests),
-and the ``--converters`` option: tests marked ``converters`` need the heavy optional frameworks
-(TensorFlow, JAX) and are deselected without it (CI installs them and passes it)."""
+the ``--converters`` option: tests marked ``converters`` need the heavy optional frameworks
+(TensorFlow, JAX) and are deselected without it (CI installs them and passes it); and the
+``--deployment`` option: the Triton, Ray and OpenVINO tests, which skip when their package is
+missing, must run (a missing or broken package fails the run at once)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import numpy as np
@@ -17,15 +20,30 @@ torch.set_num_threads(1)
 
 CONVERTER_FRAMEWORKS = ["tensorflow", "keras", "tf2onnx", "jax", "flax", "jax2onnx"]
 CONVERTERS_INSTALL = "pip install -e '.[converters]' && pip install --no-deps jax2onnx==0.17.1"
+DEPLOYMENT_PACKAGES = ["tritonclient", "ray.data", "openvino"]
+DEPLOYMENT_INSTALL = "pip install -e '.[serve,ray,openvino]'"
 
 
 def pytest_addoption(parser):
     parser.addoption("--converters", action="store_true",
                      help=f"also run the Keras and JAX converter tests ({CONVERTERS_INSTALL})")
+    parser.addoption("--deployment", action="store_true",
+                     help=f"the Triton, Ray and OpenVINO tests must run ({DEPLOYMENT_INSTALL})")
 
 
 def pytest_configure(config):
-    """With ``--converters``, a missing framework fails the run at once (never a skip)."""
+    """With ``--converters``/``--deployment``, a missing package fails the run at once (never a
+    skip)."""
+    if config.getoption("--deployment"):
+        for name in DEPLOYMENT_PACKAGES:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # an ImportError, or a package that breaks on import
+                raise pytest.UsageError(f"--deployment needs {name} ({exc}): "
+                                        f"{DEPLOYMENT_INSTALL}") from exc
+        from rectonnx.serve import model_config_schema
+        if model_config_schema() is None:
+            raise pytest.UsageError("--deployment: tritonclient ships no model_config_pb2")
     if not config.getoption("--converters"):
         return
     missing = [name for name in CONVERTER_FRAMEWORKS if importlib.util.find_spec(name) is None]

@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from helpers import (assert_close, distinct_values, explain, export, make_model, parse,
-                     run_explainer, session, torch_gradient)
+from helpers import (Reference, assert_close, distinct_values, explain, export, fd_gradient,
+                     make_model, parse, run_explainer, session, torch_gradient)
 
 import rectonnx
 from rectonnx import InvalidModelError, UnsupportedModelError
@@ -370,16 +370,31 @@ def test_ops_of_other_domains_are_reported():
     assert info.value.unsupported == [("Gelu", "ms_gelu")]
 
 
-def test_convolutions_need_static_image_sizes():
+def test_convolutions_with_symbolic_image_sizes():
+    """A Conv with symbolic H and W rewrites (its backward fits ConvTranspose to Shape(X));
+    a ConvTranspose with auto_pad still needs static sizes and says so, naming the node."""
     text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
             "fcn (float[N,2,H,W] x) => (float[N,3] scores) {\n"
             "  h = Conv <pads = [1, 1, 1, 1]> (x, w)\n  r = Relu(h)\n"
             "  p = GlobalAveragePool(r)\n  f = Flatten(p)\n  scores = MatMul(f, head)\n}")
-    model = parse(text, {"w": np.ones((3, 2, 3, 3), np.float32),
+    rng = np.random.default_rng(0)
+    model = parse(text, {"w": rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+                         "head": rng.standard_normal((3, 3)).astype(np.float32)})
+    explainer = rectonnx.rewrite(model, "saliency")
+    for size in [(5, 7), (9, 4)]:
+        x = rng.standard_normal((2, 2, *size)).astype(np.float32)
+        fixed = parse(text.replace("H,W", f"{size[0]},{size[1]}"),
+                      {t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+        _, got = run_explainer(explainer, x, [0, -1])
+        assert_close(got, fd_gradient(Reference(fixed), x, [0, -1]),
+                     "gradient vs central differences", where=f"symbolic conv {size}")
+    same = text.replace("h = Conv <pads = [1, 1, 1, 1]> (x, w)",
+                        'h = ConvTranspose <auto_pad = "SAME_UPPER", strides = [2, 2]> (x, wt)')
+    model = parse(same, {"wt": np.ones((2, 3, 3, 3), np.float32),
                          "head": np.ones((3, 3), np.float32)})
     with pytest.raises(UnsupportedModelError, match="static sizes") as info:
         rectonnx.rewrite(model, "saliency")
-    assert [op for op, _ in info.value.unsupported] == ["Conv"]
+    assert [op for op, _ in info.value.unsupported] == ["ConvTranspose"]
 
 
 def test_non_float_input_is_rejected():

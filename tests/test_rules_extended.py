@@ -748,11 +748,20 @@ DYNAMIC_BODY = """
 """
 
 
+def sized_model(name: str, body: str, channels: int, classes: int, height, width,
+                initializers: dict) -> onnx.ModelProto:
+    """``body`` as an opset-17 model with input ``x [N, channels, height, width]`` (ints or
+    symbolic names) and output ``logits [N, classes]``."""
+    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
+            f"{name} (float[N,{channels},{height},{width}] x) => "
+            f"(float[N,{classes}] logits) {{{body}}}")
+    return parse(text, initializers)
+
+
 def dynamic_model(height="H", width="W"):
     rng = np.random.default_rng(5)
-    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
-            f"dyn (float[N,3,{height},{width}] x) => (float[N,4] logits) {{{DYNAMIC_BODY}}}")
-    return parse(text, {"s": np.float32([1, 1, 2, 2]), "st": np.int64([1, 0]),
+    return sized_model("dyn", DYNAMIC_BODY, 3, 4, height, width, {
+                        "s": np.float32([1, 1, 2, 2]), "st": np.int64([1, 0]),
                         "en": np.int64([-1, 100]), "ax": np.int64([2, 3]),
                         "head": rng.standard_normal((3, 4)).astype(np.float32)})
 
@@ -862,9 +871,8 @@ SAME_BODY = """
 
 def same_model(height="H", width="W"):
     rng = np.random.default_rng(7)
-    text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
-            f"same (float[N,2,{height},{width}] x) => (float[N,3] logits) {{{SAME_BODY}}}")
-    return parse(text, {"w1": rng.standard_normal((4, 2, 4, 4)).astype(np.float32),
+    return sized_model("same", SAME_BODY, 2, 3, height, width, {
+                        "w1": rng.standard_normal((4, 2, 4, 4)).astype(np.float32),
                         "w2": rng.standard_normal((5, 4, 3, 2)).astype(np.float32),
                         "head": rng.standard_normal((5, 3)).astype(np.float32)})
 

@@ -650,6 +650,28 @@ def test_against_torch_autograd(name, rng):
 
 
 # -- dynamic shapes ----------------------------------------------------------------------------
+def dx_model(g: GraphBuilder, w: np.ndarray) -> onnx.ModelProto:
+    """The nodes of ``g`` as a model ``(x [N, 2, H, W], dy [N, 3, h, w]) -> dx``, weight ``W``."""
+    return make_model(g.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              ["N", 2, "H", "W"]),
+                                helper.make_tensor_value_info("dy", TensorProto.FLOAT,
+                                                              ["N", 3, "h", "w"])],
+                      [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(w, "W"), *g.initializers])
+
+
+def torch_conv_input_gradient(w, sizes, pads, strides, dilations, seed: int):
+    """Random float32 ``x [2, 2, *sizes]`` and ``dy``, and ``d<conv(x), dy>/dx`` in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, *sizes, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), torch.from_numpy(w).double(),
+                 stride=strides, dilation=dilations)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=generator)
+    (expected,) = torch.autograd.grad(y, x, dy)
+    return (x.detach().numpy().astype(np.float32), dy.numpy().astype(np.float32),
+            expected.numpy())
+
+
 @pytest.mark.parametrize("recipe", ["pads_in_conv_transpose", "begins_in_fit"])
 @pytest.mark.parametrize("sizes", [(7, 9), (8, 8), (10, 6)])
 @pytest.mark.parametrize("strides,pads,dilations,kernel", [
@@ -673,21 +695,10 @@ def test_fit_to_shape_of_gives_the_dynamic_conv_input_gradient(strides, pads, di
                              kernel_shape=list(kernel), pads=in_transpose)
     begins = None if in_transpose else g.ints(pads[:2], "begins")
     g.Identity(ctx.fit_to_shape_of(spread, "x", begins=begins), outputs=["dx"])
-    model = make_model(g.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                               ["N", 2, "H", "W"]),
-                                 helper.make_tensor_value_info("dy", TensorProto.FLOAT,
-                                                               ["N", 3, "h", "w"])],
-                       [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)],
-                       [numpy_helper.from_array(w, "W"), *g.initializers])
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 2, *sizes, dtype=torch.float64, generator=generator, requires_grad=True)
-    y = F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), torch.from_numpy(w).double(),
-                 stride=strides, dilation=dilations)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=generator)
-    (expected,) = torch.autograd.grad(y, x, dy)
-    (dx,) = session(model).run(None, {"x": x.detach().numpy().astype(np.float32),
-                                      "dy": dy.numpy().astype(np.float32)})
-    assert_close(dx, expected.numpy(), "fit_to_shape_of vs torch autograd",
+    model = dx_model(g, w)
+    x, dy, expected = torch_conv_input_gradient(w, sizes, pads, strides, dilations, seed=2)
+    (dx,) = session(model).run(None, {"x": x, "dy": dy})
+    assert_close(dx, expected, "fit_to_shape_of vs torch autograd",
                  where=f"{strides}/{pads}/{sizes}/{recipe}")
 
 
@@ -708,23 +719,12 @@ def test_same_pad_begins_for_dynamic_sizes(strides, dilations, kernel, auto_pad,
     spread = g.ConvTranspose("dy", "W", strides=list(strides), dilations=list(dilations),
                              kernel_shape=list(kernel))
     g.Identity(ctx.fit_to_shape_of(spread, "x", begins=begins), outputs=["dx"])
-    model = make_model(g.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                               ["N", 2, "H", "W"]),
-                                 helper.make_tensor_value_info("dy", TensorProto.FLOAT,
-                                                               ["N", 3, "h", "w"])],
-                       [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)],
-                       [numpy_helper.from_array(w, "W"), *g.initializers])
+    model = dx_model(g, w)
     pads = explicit_pads(auto_pad, None, sizes, kernel, strides, dilations)
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 2, *sizes, dtype=torch.float64, generator=generator, requires_grad=True)
-    y = F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), torch.from_numpy(w).double(),
-                 stride=strides, dilation=dilations)
-    assert list(y.shape[2:]) == [-(-n // s) for n, s in zip(sizes, strides)]  # SAME
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=generator)
-    (expected,) = torch.autograd.grad(y, x, dy)
-    (dx,) = session(model).run(None, {"x": x.detach().numpy().astype(np.float32),
-                                      "dy": dy.numpy().astype(np.float32)})
-    assert_close(dx, expected.numpy(), "fit_to_shape_of vs torch autograd",
+    x, dy, expected = torch_conv_input_gradient(w, sizes, pads, strides, dilations, seed=3)
+    assert list(dy.shape[2:]) == [-(-n // s) for n, s in zip(sizes, strides)]  # SAME
+    (dx,) = session(model).run(None, {"x": x, "dy": dy})
+    assert_close(dx, expected, "fit_to_shape_of vs torch autograd",
                  where=f"{auto_pad}/{strides}/{sizes}")
 
 

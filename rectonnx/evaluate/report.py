@@ -313,17 +313,19 @@ def picture_grids(out: Path, figures: dict) -> list[Path]:
     from ..datasets import to_uint8
     from ..visualize import layer_maps_grid, method_grid_many
 
+    def grid_rows(images, maps, labels=None):
+        """One grid row per image: the image, each method's map of it, its row label."""
+        return [(to_uint8(images[i:i + 1])[0], {k: v[i] for k, v in maps.items()},
+                 None if labels is None else labels[i]) for i in range(len(images))]
+
     written = []
     if "methods" in figures:
         images, maps, labels = figures["methods"]
-        rows = [(to_uint8(images[i:i + 1])[0], {k: v[i] for k, v in maps.items()},
-                 f"label {labels[i]}") for i in range(len(images))]
+        rows = grid_rows(images, maps, [f"label {label}" for label in labels])
         written.append(method_grid_many(rows, out / "methods_grid.png",
                                         "Attribution maps of the compared methods (true class)"))
     if "occlusion" in figures:
-        images, maps = figures["occlusion"]
-        rows = [(to_uint8(images[i:i + 1])[0], {k: v[i] for k, v in maps.items()}, None)
-                for i in range(len(images))]
+        rows = grid_rows(*figures["occlusion"])
         written.append(method_grid_many(rows, out / "occlusion_maps.png",
                                         "Network trained with a random patch at the top left "
                                         "(rows/columns 0-9; look at the inner 8x8)"))
@@ -340,9 +342,7 @@ def picture_grids(out: Path, figures: dict) -> list[Path]:
                                             "Maps before and after FGSM (each explains the "
                                             "predicted class)"))
     if "q_sweep" in figures:
-        images, maps = figures["q_sweep"]
-        rows = [(to_uint8(images[i:i + 1])[0], {k: v[i] for k, v in maps.items()}, None)
-                for i in range(len(images))]
+        rows = grid_rows(*figures["q_sweep"])
         written.append(method_grid_many(rows, out / "q_sweep_maps.png",
                                         "RectGrad (padding trick) for each q"))
     if "layers" in figures:

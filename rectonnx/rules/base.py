@@ -95,6 +95,12 @@ class RuleContext:
                 "fixed image size", [(node.op_type, node.name)])
         return picked
 
+    def has_static_sizes(self, *names: str) -> bool:
+        """Whether the spatial sizes (axes 2 on) of every tensor in ``names`` are known ints."""
+        shapes = [self.shapes.get(name) for name in names]
+        return all(shape is not None and all(isinstance(d, int) for d in shape[2:])
+                   for shape in shapes)
+
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
 

@@ -38,7 +38,7 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
     kernel = list(kernel_shape or ctx.static_shape(w, node, slice(2, None)))
     strides = list(strides or [1] * rank)
     dilations = list(dilations or [1] * rank)
-    if not _static_sizes(ctx, x, node.output[0]):
+    if not ctx.has_static_sizes(x, node.output[0]):
         return [_conv_backward_dynamic(ctx, node, dy, kernel=kernel, strides=strides,
                                        dilations=dilations, pads=pads, auto_pad=auto_pad,
                                        group=group)] + [None] * (len(node.input) - 1)
@@ -63,12 +63,6 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
             dx = g.Pad(dx, g.ints([0] * (rank + 2) + [0, 0] + geometry.extra_end, "pads"),
                        hint="dx")
     return [dx] + [None] * (len(node.input) - 1)
-
-
-def _static_sizes(ctx: RuleContext, *names: str) -> bool:
-    shapes = [ctx.shape(name) for name in names]
-    return all(shape is not None and all(isinstance(d, int) for d in shape[2:])
-               for shape in shapes)
 
 
 def _backward_weight(ctx: RuleContext, w: str) -> str:

@@ -28,9 +28,7 @@ PRR_EPSILON = 1e-10
 def average_pool_transpose(ctx: RuleContext, node, dy: str, x: str, *, kernel, strides, pads,
                            ceil_mode: int, count_include_pad: int) -> str:
     """The exact backward of AveragePool(kernel, strides, pads, ...) applied to ``dy``."""
-    shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
-    if shape is None or out_shape is None or \
-            not all(isinstance(d, int) for d in list(shape[2:]) + list(out_shape[2:])):
+    if not ctx.has_static_sizes(x, node.output[0]):
         return _average_pool_transpose_dynamic(ctx, node, dy, x, kernel=kernel, strides=strides,
                                                pads=pads, ceil_mode=ceil_mode,
                                                count_include_pad=count_include_pad)
@@ -146,9 +144,8 @@ def global_average_pool_backward(ctx: RuleContext, node, grads):
     (dy,) = grads
     g = ctx.g
     x = node.input[0]
-    shape = ctx.shape(x)
-    if shape is not None and all(isinstance(d, int) for d in shape[2:]):
-        count = g.scalar(float(np.prod(shape[2:])))
+    if ctx.has_static_sizes(x):
+        count = g.scalar(float(np.prod(ctx.shape(x)[2:])))
     else:
         spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([2 ** 62], "end"))
         count = g.Cast(g.ReduceProd(spatial, keepdims=0), to=TensorProto.FLOAT, hint="count")

@@ -738,11 +738,17 @@ DYNAMIC_BODY = """
     c = Slice(u, st, en, ax)
     m = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x)
     h = Sigmoid(m)
+    m2 = MaxPool <kernel_shape = [2, 2], strides = [3, 3], pads = [1, 0, 1, 1]> (x)
+    m3 = MaxPool <kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1> (x)
+    g2 = GlobalAveragePool(m2)
+    g3 = GlobalAveragePool(m3)
+    g23 = Add(g2, g3)
     gc = GlobalAveragePool(c)
     gh = GlobalMaxPool(h)
     gb = GlobalAveragePool(b)
     p = Add(gc, gh)
-    q = Add(p, gb)
+    p2 = Add(p, g23)
+    q = Add(p2, gb)
     f = Flatten(q)
     logits = MatMul(f, head)
 """
@@ -769,7 +775,7 @@ def dynamic_model(height="H", width="W"):
 @pytest.mark.parametrize("method", ["saliency", "rectgrad"])
 def test_symbolic_height_and_width(method):
     """One explainer for every image size: AveragePool (also in ceil mode), LRN, Resize, Slice,
-    MaxPool, Sigmoid and global pools with symbolic H and W. Saliency is checked by central
+    MaxPool (also padded and in ceil mode), Sigmoid and global pools with symbolic H and W. Saliency is checked by central
     differences at several sizes, RectGrad (whose percentile k is computed in the graph)
     against the explainer of the same model with static sizes."""
     explainer = rectonnx.rewrite(dynamic_model(), method, q=70.0)

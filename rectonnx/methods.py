@@ -30,9 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
+import numpy as np
+
 from .builder import GraphBuilder
 from .rules.base import Activation, RuleContext
-from .threshold import DEFAULT_ALGORITHM, check_algorithm, percentile_threshold
+from .threshold import (DEFAULT_ALGORITHM, check_algorithm, percentile_threshold,
+                        percentile_threshold_of_sparse)
 
 if TYPE_CHECKING:
     from .baselines import Copies
@@ -77,7 +80,10 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
         g = ctx.g
         scores = g.Mul(act.y, act.upstream, hint="importance")
         if tau is None:
-            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
+            cut = _sparse_threshold(ctx, act, q) if threshold == "topk" and \
+                q_tensor is None else None
+            if cut is None:
+                cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
         else:
             cut = g.scalar(tau, hint="tau")
         passed = act.upstream if act.is_relu else act.exact
@@ -85,6 +91,20 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
         keep = g.CastLike(g.Greater(scores, cut), passed, hint="keep")
         return g.Mul(passed, keep, hint="rectgrad")
     return gate
+
+
+def _sparse_threshold(ctx: RuleContext, act: Activation, q: float) -> str | None:
+    """The percentile from the pooled scores ``Y * dY`` when ``y`` feeds only a max pool with
+    disjoint windows (threshold.percentile_threshold_of_sparse), else None."""
+    unpooled = ctx.unpooled.get(act.upstream)
+    shape = ctx.shape(act.y)
+    if unpooled is None or unpooled.x != act.y or shape is None or \
+            not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    g = ctx.g
+    pooled_scores = g.Mul(unpooled.y, unpooled.dy, hint="pooled_importance")
+    return percentile_threshold_of_sparse(g, pooled_scores, len(shape), unpooled.pooled_size,
+                                          int(np.prod(shape[1:])), q)
 
 
 # -- finishing steps ---------------------------------------------------------------------------

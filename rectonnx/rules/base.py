@@ -65,6 +65,18 @@ class Activation:
     is_relu: bool
 
 
+@dataclass(frozen=True)
+class Unpooled:
+    """A gradient ``dX = MaxUnpool(dY, Indices)`` of a max pool ``Y = MaxPool(X)`` whose windows
+    cannot overlap: it is ``dY[o]`` at the arg-max of each window ``o`` and zero elsewhere, so
+    ``X * dX`` holds the values ``Y * dY`` (``pooled_size`` per sample) and zeros."""
+
+    x: str
+    y: str
+    dy: str
+    pooled_size: int
+
+
 class RuleContext:
     """Everything a rule may read: static shapes, constants, options; and the builder to emit."""
 
@@ -79,6 +91,8 @@ class RuleContext:
         self.padding_trick = padding_trick
         self.prr = prr
         self.opset = opset
+        # gradient name -> how it came out of a max pool with disjoint windows (rules/pool.py)
+        self.unpooled: dict[str, "Unpooled"] = {}
 
     # -- facts about forward tensors -------------------------------------------------------------
     def shape(self, name: str) -> tuple | None:

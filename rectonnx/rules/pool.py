@@ -22,7 +22,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..geometry import conv_transpose_geometry, explicit_pads, valid_counts
-from .base import RuleContext, rule, unsupported_input
+from .base import RuleContext, Unpooled, rule, unsupported_input
 
 PRR_EPSILON = 1e-10
 
@@ -136,9 +136,12 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
                                         ceil_mode, dilations)
     if unpool_pads is not None:
         # disjoint windows: no index repeats, so placing each dY at its index is the sum
-        return [g.MaxUnpool(dy, indices, g.Shape(x), kernel_shape=kernel_shape,
-                            strides=strides or [1] * len(kernel_shape), pads=unpool_pads,
-                            hint="dx")]
+        dx = g.MaxUnpool(dy, indices, g.Shape(x), kernel_shape=kernel_shape,
+                         strides=strides or [1] * len(kernel_shape), pads=unpool_pads, hint="dx")
+        pooled = ctx.shape(node.output[0])
+        if pooled is not None and all(isinstance(d, int) for d in pooled[1:]):
+            ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, int(np.prod(pooled[1:])))
+        return [dx]
     flat_size = g.Reshape(g.Size(x), g.ints([1], "shape"), hint="size")
     zeros = g.ConstantOfShape(flat_size, hint="zeros",
                               value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))

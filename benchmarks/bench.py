@@ -185,7 +185,7 @@ def bench_shipped(rounds: int, warmup: int) -> list[dict]:
 
 
 # -- the optimisations one at a time ---------------------------------------------------------------
-def legacy_threshold(g, scores, shape, q, algorithm="topk"):
+def legacy_threshold(g, scores, shape, q, algorithm="topk", q_tensor=None):
     """rectonnx's first threshold: one sorted TopK over all M scores, then ReduceMin."""
     from rectonnx.threshold import percentile_rank
 
@@ -197,7 +197,7 @@ def legacy_threshold(g, scores, shape, q, algorithm="topk"):
     return g.Reshape(tau, g.ints([-1] + [1] * (rank - 1), "broadcast"), hint="tau")
 
 
-def legacy_gate(q, tau, threshold="topk"):
+def legacy_gate(q, tau, threshold="topk", q_tensor=None):
     """rectonnx's first gate: ``Where(y R > tau, R, 0)``."""
     import rectonnx.methods as methods
 
@@ -215,8 +215,10 @@ def switched_off(*features: str):
     """Rewrite with the named optimisations replaced by what rectonnx did before them."""
     import rectonnx.methods as methods
     import rectonnx.rules.linear as linear
+    import rectonnx.rules.pool as pool
 
-    saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan)
+    saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
+             methods._sparse_threshold, pool._disjoint_unpool_pads)
     try:
         if "threshold" in features:
             methods.percentile_threshold = legacy_threshold
@@ -224,9 +226,14 @@ def switched_off(*features: str):
             methods.rectified_gate = legacy_gate
         if "conv" in features:
             linear.flipped_kernel_plan = lambda *args: None
+        if "pooled" in features:
+            methods._sparse_threshold = lambda *args: None
+        if "unpool" in features:
+            pool._disjoint_unpool_pads = lambda *args: None
         yield
     finally:
-        methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan = saved
+        (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
+         methods._sparse_threshold, pool._disjoint_unpool_pads) = saved
 
 
 ABLATIONS = [
@@ -234,8 +241,11 @@ ABLATIONS = [
     ("plain sorted TopK threshold (was)", ("threshold",), True),
     ("ConvTranspose backward (was)", ("conv",), True),
     ("Where gate (was)", ("gate",), True),
+    ("full-size percentile under max pools (was)", ("pooled",), True),
+    ("ScatterElements max-pool backward (was)", ("unpool", "pooled"), True),
     ("no IO binding (was)", (), False),
-    ("none: the first rectonnx graph", ("threshold", "conv", "gate"), False),
+    ("none: the first rectonnx graph", ("threshold", "conv", "gate", "pooled", "unpool"),
+     False),
 ]
 
 

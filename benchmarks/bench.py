@@ -218,7 +218,7 @@ def switched_off(*features: str):
     import rectonnx.rules.pool as pool
 
     saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-             methods._sparse_threshold, pool._disjoint_unpool_pads)
+             methods._sparse_threshold, pool._unpool_pads)
     try:
         if "threshold" in features:
             methods.percentile_threshold = legacy_threshold
@@ -229,11 +229,11 @@ def switched_off(*features: str):
         if "pooled" in features:
             methods._sparse_threshold = lambda *args: None
         if "unpool" in features:
-            pool._disjoint_unpool_pads = lambda *args: None
+            pool._unpool_pads = lambda *args: None
         yield
     finally:
         (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-         methods._sparse_threshold, pool._disjoint_unpool_pads) = saved
+         methods._sparse_threshold, pool._unpool_pads) = saved
 
 
 ABLATIONS = [
@@ -242,7 +242,7 @@ ABLATIONS = [
     ("ConvTranspose backward (was)", ("conv",), True),
     ("Where gate (was)", ("gate",), True),
     ("full-size percentile under max pools (was)", ("pooled",), True),
-    ("ScatterElements max-pool backward (was)", ("unpool", "pooled"), True),
+    ("ScatterElements max-pool backward (was)", ("unpool",), True),
     ("no IO binding (was)", (), False),
     ("none: the first rectonnx graph", ("threshold", "conv", "gate", "pooled", "unpool"),
      False),
@@ -387,8 +387,14 @@ def machine() -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                               if line.startswith("model name"))
+            lines = cpuinfo.read().splitlines()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines
+                           if line.startswith("model name"))
+        flags = next((line.split(":", 1)[1].split() for line in lines
+                      if line.startswith("flags")), [])
+        # the widest vector unit decides onnxruntime's NCHWc block and conv speed
+        info["simd"] = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else \
+            "SSE/other"
         with open("/proc/meminfo") as meminfo:
             info["memory_gb"] = round(int(meminfo.readline().split()[1]) / 2 ** 20, 1)
     except (OSError, StopIteration):
@@ -410,7 +416,7 @@ def load_average() -> list[float] | None:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Machine: {m.get('cpu', m['machine'])}, {m['cores']} cores, "
+    lines = [f"Machine: {m.get('cpu', m['machine'])} ({m.get('simd', '?')}), {m['cores']} cores, "
              f"{m.get('memory_gb', '?')} GB; Python {m['python']}, onnxruntime "
              f"{m['onnxruntime']} (CPUExecutionProvider), onnx {m['onnx']}, torch {m['torch']}, "
              f"captum {m['captum']}; {m['date']}. Load average before/after: "

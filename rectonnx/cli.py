@@ -70,9 +70,12 @@ def main():
                                       "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--q-input", is_flag=True,
               help="RectGrad: make q an optional graph input (float64 [1] or [N]; default --q).")
+@click.option("--runtime", type=click.Choice(["any", "onnxruntime-cpu"]), default="any",
+              show_default=True, help="any: ops every tested runtime runs; onnxruntime-cpu: "
+                                      "also MaxUnpool (faster there, absent from OpenVINO).")
 @friendly_errors
 def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name,
-            threshold, q_input):
+            threshold, q_input, runtime):
     """Write the explainer graph of MODEL (inputs: image, target; outputs: logits, attribution)."""
     import onnx
 
@@ -81,7 +84,7 @@ def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, outpu
     started = time.perf_counter()
     graph = rewrite_model(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
                           input_name=input_name, output_name=output_name, threshold=threshold,
-                          q_input=q_input)
+                          q_input=q_input, runtime=runtime)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, output)
     click.echo(f"wrote {output}: {method}, {len(graph.graph.node)} nodes, "

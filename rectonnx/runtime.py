@@ -175,8 +175,11 @@ class Explainer:
         the estimated activation memory fits (and run onnxruntime without memory patterns).
         ``io_binding``: write outputs straight into the result arrays. ``spinning=False``:
         onnxruntime's threads sleep after each run (when other compute shares the CPU)."""
+        providers = list(providers or default_providers())
+        cpu_only = providers == ["CPUExecutionProvider"]
         graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                        input_name=input_name, output_name=output_name, threshold=threshold)
+                        input_name=input_name, output_name=output_name, threshold=threshold,
+                        runtime="onnxruntime-cpu" if cpu_only else "any")
         self._setup(graph, method, providers=providers, batch_size=batch_size, threads=threads,
                     memory_budget_mb=memory_budget_mb, io_binding=io_binding, spinning=spinning)
 

@@ -56,6 +56,16 @@ def test_rewrite_writes_a_loadable_explainer(model_file, tmp_path):
     assert [o.name for o in graph.graph.output] == ["logits", "attribution"]
 
 
+@pytest.mark.parametrize("runtime,unpools", [("any", 0), ("onnxruntime-cpu", 1)])
+def test_rewrite_for_a_runtime(model_file, tmp_path, runtime, unpools):
+    out = tmp_path / "explainer.onnx"
+    result = run("rewrite", model_file, "-o", out, "--method", "saliency", "--runtime", runtime)
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(out)
+    onnx.checker.check_model(graph, full_check=True)
+    assert sum(n.op_type == "MaxUnpool" for n in graph.graph.node) == unpools
+
+
 def test_info_reports_coverage(model_file, unsupported_file):
     ok = run("info", model_file)
     assert ok.exit_code == 0 and "every op on the path has a backward rule" in ok.output

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import (assert_close, away_from_zero, check_rule, distinct_values,
-                     explain, export, op_model, torch_function_gradient, torch_gradient)
+                     explain, export, op_model, run_explainer, torch_function_gradient,
+                     torch_gradient)
 
 import rectonnx
 
@@ -413,6 +415,31 @@ POOLS = [
 @pytest.mark.parametrize("case", POOLS, ids=lambda c: c.id)
 def test_pool(case, rng):
     run_case(case, rng)
+
+
+def windows_disjoint(node: onnx.NodeProto) -> bool:
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kernel = attributes["kernel_shape"]
+    strides = attributes.get("strides", [1] * len(kernel))
+    return all(d == 1 for d in attributes.get("dilations", [1])) and \
+        all(s >= k for s, k in zip(strides, kernel))
+
+
+@pytest.mark.parametrize("case", [c for c in POOLS if "MaxPool" in c.body], ids=lambda c: c.id)
+def test_max_pool_backward_for_onnxruntime_cpu(case, rng):
+    """``runtime="onnxruntime-cpu"`` places the gradient of disjoint max-pool windows with
+    MaxUnpool instead of a scatter-add: the same gradient to the bit (each input position gets at
+    most one value), the portable graph's having been checked by ``test_pool``."""
+    model, x = case.build(rng)
+    portable = rectonnx.rewrite(model, "saliency")
+    tuned = rectonnx.rewrite(model, "saliency", runtime="onnxruntime-cpu")
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    unpools = sum(n.op_type == "MaxUnpool" for n in tuned.graph.node)
+    assert unpools == windows_disjoint(pool), case.id
+    assert not any(n.op_type == "MaxUnpool" for n in portable.graph.node)
+    for got, expected in zip(run_explainer(tuned, x, TARGETS),
+                             run_explainer(portable, x, TARGETS)):
+        np.testing.assert_array_equal(got, expected)
 
 
 # -- shape ops --------------------------------------------------------------------------------

@@ -67,9 +67,10 @@ class Activation:
 
 @dataclass(frozen=True)
 class Unpooled:
-    """A gradient ``dX = MaxUnpool(dY, Indices)`` of a max pool ``Y = MaxPool(X)`` whose windows
-    cannot overlap: it is ``dY[o]`` at the arg-max of each window ``o`` and zero elsewhere, so
-    ``X * dX`` holds the values ``Y * dY`` (``pooled_size`` per sample) and zeros."""
+    """A gradient ``dX = MaxUnpool(dY, Indices)`` (or its scatter form) of a max pool
+    ``Y = MaxPool(X)`` whose windows cannot overlap: it is ``dY[o]`` at the arg-max of each
+    window ``o`` and zero elsewhere, so ``X * dX`` holds the values ``Y * dY`` (``pooled_size``
+    per sample) and zeros."""
 
     x: str
     y: str
@@ -82,7 +83,7 @@ class RuleContext:
 
     def __init__(self, builder: GraphBuilder, shapes: dict, constants: dict[str, np.ndarray],
                  active: set[str], method: "Method", *, padding_trick: bool, prr: bool,
-                 opset: int):
+                 opset: int, max_unpool: bool = False):
         self.g = builder
         self.shapes = shapes
         self.constants = constants
@@ -91,6 +92,7 @@ class RuleContext:
         self.padding_trick = padding_trick
         self.prr = prr
         self.opset = opset
+        self.max_unpool = max_unpool  # MaxUnpool for disjoint max pools (onnxruntime CPU only)
         # gradient name -> how it came out of a max pool with disjoint windows (rules/pool.py)
         self.unpooled: dict[str, "Unpooled"] = {}
 

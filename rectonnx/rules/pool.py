@@ -3,7 +3,10 @@
 * MaxPool, exact: the forward node also emits its Indices (flat positions in the input) and
   ``dX = ScatterElements(zeros, Indices, dY, reduction="add")``, so overlapping windows add up.
   Windows that cannot overlap (stride >= kernel, no dilation) never repeat an index, and
-  ``dX = MaxUnpool(dY, Indices, Shape(X))`` is the same sum, 8 % faster on the paper's CNN.
+  ``dX = MaxUnpool(dY, Indices, Shape(X))`` is the same sum, 8 % faster on the paper's CNN in
+  onnxruntime's CPU provider; emitted only for ``runtime="onnxruntime-cpu"`` (OpenVINO has no
+  MaxUnpool). Either way the gradient is noted in ``RuleContext.unpooled`` (RectGrad then takes
+  the percentile from the pooled scores, methods._sparse_threshold).
 * MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``):
   ``z = AveragePool(X) + 1e-10``, ``c = AveragePool^T(dY / z)``, ``dX = X c`` — the gradient is
   spread over each window in proportion to the activations.
@@ -132,28 +135,32 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
     if storage_order:
         raise unsupported_input(node, 0, "is max-pooled with storage_order=1; not supported")
     indices = ctx.ensure_output(node, 1, f"{node.name or node.output[0]}/indices")
-    unpool_pads = _disjoint_unpool_pads(ctx, node, x, kernel_shape, strides, pads, auto_pad,
-                                        ceil_mode, dilations)
+    rank = len(kernel_shape)
+    disjoint = all(d == 1 for d in dilations or [1] * rank) and \
+        all(s >= k for s, k in zip(strides or [1] * rank, kernel_shape))
+    unpool_pads = _unpool_pads(ctx, node, x, kernel_shape, strides, pads, auto_pad,
+                               ceil_mode) if disjoint and ctx.max_unpool else None
     if unpool_pads is not None:
         # disjoint windows: no index repeats, so placing each dY at its index is the sum
         dx = g.MaxUnpool(dy, indices, g.Shape(x), kernel_shape=kernel_shape,
-                         strides=strides or [1] * len(kernel_shape), pads=unpool_pads, hint="dx")
-        pooled = ctx.shape(node.output[0])
-        if pooled is not None and all(isinstance(d, int) for d in pooled[1:]):
-            ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, int(np.prod(pooled[1:])))
-        return [dx]
-    flat_size = g.Reshape(g.Size(x), g.ints([1], "shape"), hint="size")
-    zeros = g.ConstantOfShape(flat_size, hint="zeros",
-                              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    flat = g.ints([-1], "flat")
-    scattered = g.ScatterElements(zeros, g.Reshape(indices, flat), g.Reshape(dy, flat), axis=0,
-                                  reduction="add", hint="dx")
-    return [g.reshape_like(scattered, x, hint="dx")]
+                         strides=strides or [1] * rank, pads=unpool_pads, hint="dx")
+    else:
+        flat_size = g.Reshape(g.Size(x), g.ints([1], "shape"), hint="size")
+        zeros = g.ConstantOfShape(flat_size, hint="zeros",
+                                  value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        flat = g.ints([-1], "flat")
+        scattered = g.ScatterElements(zeros, g.Reshape(indices, flat), g.Reshape(dy, flat),
+                                      axis=0, reduction="add", hint="dx")
+        dx = g.reshape_like(scattered, x, hint="dx")
+    pooled = ctx.shape(node.output[0])
+    if disjoint and pooled is not None and all(isinstance(d, int) for d in pooled[1:]):
+        ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, int(np.prod(pooled[1:])))
+    return [dx]
 
 
-def _disjoint_unpool_pads(ctx: RuleContext, node, x, kernel_shape, strides, pads, auto_pad,
-                          ceil_mode, dilations) -> list[int] | None:
-    """MaxUnpool ``pads`` for a pool whose windows cannot overlap, or None when they can.
+def _unpool_pads(ctx: RuleContext, node, x, kernel_shape, strides, pads, auto_pad,
+                 ceil_mode) -> list[int] | None:
+    """MaxUnpool ``pads`` for a pool whose windows cannot overlap, or None when none fit.
 
     MaxUnpool's pads only size its default output, ``(out - 1) s + k - pads``, which
     onnxruntime requires to be at most the given ``Shape(X)`` (and each pad below the kernel):
@@ -162,9 +169,6 @@ def _disjoint_unpool_pads(ctx: RuleContext, node, x, kernel_shape, strides, pads
     """
     rank = len(kernel_shape)
     strides = list(strides or [1] * rank)
-    if any(d != 1 for d in dilations or [1] * rank) or \
-            any(s < k for s, k in zip(strides, kernel_shape)):
-        return None
     if ctx.has_static_sizes(x, node.output[0]):
         in_sizes = ctx.static_shape(x, node, slice(2, None))
         out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))

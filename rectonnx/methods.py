@@ -101,10 +101,8 @@ def _sparse_threshold(ctx: RuleContext, act: Activation, q: float) -> str | None
     if unpooled is None or unpooled.x != act.y or shape is None or \
             not all(isinstance(d, int) for d in shape[1:]):
         return None
-    g = ctx.g
-    pooled_scores = g.Mul(unpooled.y, unpooled.dy, hint="pooled_importance")
-    return percentile_threshold_of_sparse(g, pooled_scores, len(shape), unpooled.pooled_size,
-                                          int(np.prod(shape[1:])), q)
+    return percentile_threshold_of_sparse(ctx.g, unpooled.y, unpooled.dy, len(shape),
+                                          unpooled.pooled_size, int(np.prod(shape[1:])), q)
 
 
 # -- finishing steps ---------------------------------------------------------------------------

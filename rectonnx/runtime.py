@@ -174,7 +174,9 @@ class Explainer:
         same result; see rectonnx.threshold). ``memory_budget_mb``: cap the samples per run so
         the estimated activation memory fits (and run onnxruntime without memory patterns).
         ``io_binding``: write outputs straight into the result arrays. ``spinning=False``:
-        onnxruntime's threads sleep after each run (when other compute shares the CPU)."""
+        onnxruntime's threads sleep after each run (when other compute shares the CPU).
+        On the CPU provider alone the graph may use ops tuned for it (``rewrite(runtime=
+        "onnxruntime-cpu")``); with any other provider it is the portable graph."""
         providers = list(providers or default_providers())
         cpu_only = providers == ["CPUExecutionProvider"]
         graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,

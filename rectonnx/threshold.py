@@ -95,21 +95,23 @@ def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: f
     return g.ReduceMin(top, axes=[1], keepdims=1, hint="tau")
 
 
-def percentile_threshold_of_sparse(g: GraphBuilder, values: str, rank: int, size: int,
-                                   dense_size: int, q: float) -> str | None:
+def percentile_threshold_of_sparse(g: GraphBuilder, pooled_y: str, pooled_dy: str, rank: int,
+                                   size: int, dense_size: int, q: float) -> str | None:
     """The threshold of ``dense_size`` scores per sample of which all but the ``size`` scores
-    ``values`` are zero (a max pool's gradient, ``RuleContext.unpooled``), from ``values``
-    only; None when that shortcut does not apply.
+    ``pooled_y * pooled_dy`` are zero (a max pool's gradient, ``RuleContext.unpooled``), from
+    those only; None (and nothing emitted) when that shortcut does not apply.
 
     With ``k`` the rank for ``dense_size``: if ``k <= size`` and at least ``k`` scores are zero
-    (``k <= dense_size - size``), the k-th largest of all is the k-th largest of ``values`` when
-    that is positive, else 0 (the zeros then reach rank ``k``): ``max(kth(values), 0)``, equal
-    in ``s > tau``. TopK then runs on ``size`` scores instead of ``dense_size``.
+    (``k <= dense_size - size``), the k-th largest of all is the k-th largest of the ``size``
+    scores when that is positive, else 0 (the zeros then reach rank ``k``):
+    ``max(kth(pooled), 0)``, equal in ``s > tau``. TopK runs on ``size`` scores, not
+    ``dense_size``.
     """
     k = percentile_rank(dense_size, q)
     if k > size or k > dense_size - size:
         return None
-    return g.Max(kth_largest_static(g, values, max(rank, 2), size, k), g.scalar(0.0),
+    scores = g.Mul(pooled_y, pooled_dy, hint="pooled_importance")
+    return g.Max(kth_largest_static(g, scores, max(rank, 2), size, k), g.scalar(0.0),
                  hint="tau")
 
 

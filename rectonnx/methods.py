@@ -30,8 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
-import numpy as np
-
 from .builder import GraphBuilder
 from .rules.base import Activation, RuleContext
 from .threshold import (DEFAULT_ALGORITHM, check_algorithm, percentile_threshold,
@@ -80,10 +78,9 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
         g = ctx.g
         scores = g.Mul(act.y, act.upstream, hint="importance")
         if tau is None:
-            cut = _sparse_threshold(ctx, act, q) if threshold == "topk" and \
-                q_tensor is None else None
-            if cut is None:
-                cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
+            sparse = threshold == "topk" and q_tensor is None  # the shortcut's conditions
+            cut = (_sparse_threshold(ctx, act, q) if sparse else None) or \
+                percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
         else:
             cut = g.scalar(tau, hint="tau")
         passed = act.upstream if act.is_relu else act.exact
@@ -97,12 +94,13 @@ def _sparse_threshold(ctx: RuleContext, act: Activation, q: float) -> str | None
     """The percentile from the pooled scores ``Y * dY`` when ``y`` feeds only a max pool with
     disjoint windows (threshold.percentile_threshold_of_sparse), else None."""
     unpooled = ctx.unpooled.get(act.upstream)
-    shape = ctx.shape(act.y)
-    if unpooled is None or unpooled.x != act.y or shape is None or \
-            not all(isinstance(d, int) for d in shape[1:]):
+    if unpooled is None or unpooled.x != act.y:
         return None
-    return percentile_threshold_of_sparse(ctx.g, unpooled.y, unpooled.dy, len(shape),
-                                          unpooled.pooled_size, int(np.prod(shape[1:])), q)
+    size, pooled_size = ctx.sample_size(act.y), ctx.sample_size(unpooled.y)
+    if size is None or pooled_size is None:
+        return None
+    return percentile_threshold_of_sparse(ctx.g, unpooled.y, unpooled.dy, len(ctx.shape(act.y)),
+                                          pooled_size, size, q)
 
 
 # -- finishing steps ---------------------------------------------------------------------------

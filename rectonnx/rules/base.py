@@ -69,13 +69,11 @@ class Activation:
 class Unpooled:
     """A gradient ``dX = MaxUnpool(dY, Indices)`` (or its scatter form) of a max pool
     ``Y = MaxPool(X)`` whose windows cannot overlap: it is ``dY[o]`` at the arg-max of each
-    window ``o`` and zero elsewhere, so ``X * dX`` holds the values ``Y * dY`` (``pooled_size``
-    per sample) and zeros."""
+    window ``o`` and zero elsewhere, so ``X * dX`` holds the values ``Y * dY`` and zeros."""
 
     x: str
     y: str
     dy: str
-    pooled_size: int
 
 
 class RuleContext:
@@ -116,6 +114,13 @@ class RuleContext:
         shapes = [self.shapes.get(name) for name in names]
         return all(shape is not None and all(isinstance(d, int) for d in shape[2:])
                    for shape in shapes)
+
+    def sample_size(self, name: str) -> int | None:
+        """Elements per sample of ``name`` (all axes but the batch), when they are static."""
+        shape = self.shapes.get(name)
+        if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+            return None
+        return int(np.prod(shape[1:]))
 
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None

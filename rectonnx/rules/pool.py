@@ -152,9 +152,8 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
         scattered = g.ScatterElements(zeros, g.Reshape(indices, flat), g.Reshape(dy, flat),
                                       axis=0, reduction="add", hint="dx")
         dx = g.reshape_like(scattered, x, hint="dx")
-    pooled = ctx.shape(node.output[0])
-    if disjoint and pooled is not None and all(isinstance(d, int) for d in pooled[1:]):
-        ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, int(np.prod(pooled[1:])))
+    if disjoint:
+        ctx.unpooled[dx] = Unpooled(x, node.output[0], dy)
     return [dx]
 
 

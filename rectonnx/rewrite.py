@@ -58,11 +58,11 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
             sample ``[N]``) with ``q`` as its default: an input with an initializer of the same
             name (IR >= 4), so a server sets it per request. Clipped to [0, 100]; NaN means the
             default. onnxruntime and onnx.reference accept it; OpenVINO keeps the default.
-        runtime: ``"any"`` (default): only ops that every tested runtime runs (onnxruntime CPU
-            and CUDA, onnx.reference, OpenVINO). ``"onnxruntime-cpu"``: also ops that only
-            onnxruntime's CPU provider is known to run well (MaxUnpool for the backward of
-            max pools with disjoint windows, 8 % faster there; OpenVINO lacks it). The same
-            attribution either way. ``Explainer`` picks it when it runs on the CPU alone.
+        runtime: ``"any"`` (default): only ops that every tested runtime runs (onnxruntime CPU,
+            onnx.reference, OpenVINO; CUDA is untested here). ``"onnxruntime-cpu"``: also ops
+            that only onnxruntime's CPU provider is known to run well (MaxUnpool for the
+            backward of max pools with disjoint windows, 8 % faster there; OpenVINO lacks it).
+            The same attribution either way. ``Explainer`` picks it when it runs on the CPU alone.
         method_options: the baseline's options, e.g. ``samples``, ``sigma``, ``seed``
             (smoothgrad), ``steps``, ``baseline``, ``integration`` (integrated_gradients),
             ``baseline`` (deeplift), ``epsilon`` (epsilon_lrp); see baselines.py.

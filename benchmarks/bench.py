@@ -218,7 +218,7 @@ def switched_off(*features: str):
     import rectonnx.rules.pool as pool
 
     saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-             methods._sparse_threshold, pool._unpool_pads)
+             methods._pooled_threshold, pool._unpool_pads)
     try:
         if "threshold" in features:
             methods.percentile_threshold = legacy_threshold
@@ -227,13 +227,13 @@ def switched_off(*features: str):
         if "conv" in features:
             linear.flipped_kernel_plan = lambda *args: None
         if "pooled" in features:
-            methods._sparse_threshold = lambda *args: None
+            methods._pooled_threshold = lambda *args: None
         if "unpool" in features:
             pool._unpool_pads = lambda *args: None
         yield
     finally:
         (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-         methods._sparse_threshold, pool._unpool_pads) = saved
+         methods._pooled_threshold, pool._unpool_pads) = saved
 
 
 ABLATIONS = [
@@ -241,7 +241,7 @@ ABLATIONS = [
     ("plain sorted TopK threshold (was)", ("threshold",), True),
     ("ConvTranspose backward (was)", ("conv",), True),
     ("Where gate (was)", ("gate",), True),
-    ("full-size percentile under max pools (was)", ("pooled",), True),
+    ("full-size percentile and gate under max pools (was)", ("pooled",), True),
     ("ScatterElements max-pool backward (was)", ("unpool",), True),
     ("no IO binding (was)", (), False),
     ("none: the first rectonnx graph", ("threshold", "conv", "gate", "pooled", "unpool"),

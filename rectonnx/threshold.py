@@ -95,11 +95,18 @@ def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: f
     return g.ReduceMin(top, axes=[1], keepdims=1, hint="tau")
 
 
-def percentile_threshold_of_sparse(g: GraphBuilder, pooled_y: str, pooled_dy: str, rank: int,
-                                   size: int, dense_size: int, q: float) -> str | None:
+def sparse_shortcut_applies(size: int, dense_size: int, q: float) -> bool:
+    """Whether ``percentile_threshold_of_sparse`` may stand for the percentile of
+    ``dense_size`` scores of which all but ``size`` are zero."""
+    k = percentile_rank(dense_size, q)
+    return k <= size and k <= dense_size - size
+
+
+def percentile_threshold_of_sparse(g: GraphBuilder, pooled_scores: str, rank: int, size: int,
+                                   dense_size: int, q: float) -> str:
     """The threshold of ``dense_size`` scores per sample of which all but the ``size`` scores
-    ``pooled_y * pooled_dy`` are zero (a max pool's gradient, ``RuleContext.unpooled``), from
-    those only; None (and nothing emitted) when that shortcut does not apply.
+    ``pooled_scores`` (``Y * dY`` of a max pool's gradient, ``RuleContext.unpooled``) are zero,
+    from those only; only where ``sparse_shortcut_applies``.
 
     With ``k`` the rank for ``dense_size``: if ``k <= size`` and at least ``k`` scores are zero
     (``k <= dense_size - size``), the k-th largest of all is the k-th largest of the ``size``
@@ -107,11 +114,10 @@ def percentile_threshold_of_sparse(g: GraphBuilder, pooled_y: str, pooled_dy: st
     ``max(kth(pooled), 0)``, equal in ``s > tau``. TopK runs on ``size`` scores, not
     ``dense_size``.
     """
+    if not sparse_shortcut_applies(size, dense_size, q):
+        raise ValueError(f"the sparse percentile needs k <= {size} pooled scores and k zeros")
     k = percentile_rank(dense_size, q)
-    if k > size or k > dense_size - size:
-        return None
-    scores = g.Mul(pooled_y, pooled_dy, hint="pooled_importance")
-    return g.Max(kth_largest_static(g, scores, max(rank, 2), size, k), g.scalar(0.0),
+    return g.Max(kth_largest_static(g, pooled_scores, max(rank, 2), size, k), g.scalar(0.0),
                  hint="tau")
 
 

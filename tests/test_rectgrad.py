@@ -287,19 +287,29 @@ def test_rectgrad_percentile_with_options_against_literal(paper_cnn, q, padding_
 
 @pytest.mark.parametrize("q", [76.0, 90.0, 98.0, 100.0])
 @pytest.mark.parametrize("padding_trick", [False, True])
-def test_rectgrad_threshold_from_pooled_scores(paper_cnn, monkeypatch, q, padding_trick):
+@pytest.mark.parametrize("runtime", ["any", "onnxruntime-cpu"])
+def test_rectgrad_threshold_from_pooled_scores(paper_cnn, monkeypatch, q, padding_trick,
+                                               runtime):
     """ReLUs that feed only a 2x2 max pool take their percentile from the pooled scores
-    ``Y * dY`` (4x fewer; methods._sparse_threshold): the same attribution, to the bit, as the
-    full-size percentile, and the literal torch one. At q = 76 (k = 93 of 384, pooled 96) the
-    k-th pooled score is negative and the threshold 0 on every sample: the other branch."""
+    ``Y * dY`` (4x fewer; methods._pooled_threshold) and gate ``dY`` before placing it at the
+    arg-maxes (scatter for runtime="any", MaxUnpool for onnxruntime-cpu): the same attribution,
+    to the bit, as the full-size percentile and gate, and the literal torch one. At q = 76
+    (k = 93 of 384, pooled 96) the k-th pooled score is negative and the threshold 0 on every
+    sample: the other branch."""
     net, x, model = paper_cnn
-    explainer = rectonnx.rewrite(model, "rectgrad", q=q, padding_trick=padding_trick)
-    assert sum("pooled_importance" in n.name for n in explainer.graph.node) == 2
+    explainer = rectonnx.rewrite(model, "rectgrad", q=q, padding_trick=padding_trick,
+                                 runtime=runtime)
+    names = [n.name for n in explainer.graph.node]
+    assert sum("pooled_importance" in n for n in names) == 2
+    assert sum("/importance" in n for n in names) == 2  # the 2 pooled ReLUs gate at pool size
     _, fast = run_explainer(explainer, x, TARGETS)
-    monkeypatch.setattr(importlib.import_module("rectonnx.methods"), "_sparse_threshold",
+    monkeypatch.setattr(importlib.import_module("rectonnx.methods"), "_pooled_threshold",
                         lambda *args: None)
-    full_size = rectonnx.rewrite(model, "rectgrad", q=q, padding_trick=padding_trick)
-    assert not any("pooled_importance" in n.name for n in full_size.graph.node)
+    full_size = rectonnx.rewrite(model, "rectgrad", q=q, padding_trick=padding_trick,
+                                 runtime=runtime)
+    names = [n.name for n in full_size.graph.node]
+    assert not any("pooled_importance" in n for n in names)
+    assert sum("/importance" in n for n in names) == 4
     _, slow = run_explainer(full_size, x, TARGETS)
     np.testing.assert_array_equal(fast, slow)
     expected = literal_attribution(net, x, TARGETS, rectgrad_rule(q=q),

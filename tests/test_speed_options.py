@@ -1,8 +1,8 @@
 """The speed work keeps the graph exact: each faster form against the form it replaced.
 
-* Conv backward: for stride 1 the explainer emits ``Conv(dY, flipped W)``; it must equal the
-  ConvTranspose graph (same rule with the flipped form switched off) on every geometry the
-  rule accepts, and ``flipped_kernel`` must equal torch's conv_transpose. Strided convolutions
+* Conv backward: for stride 1 the explainer emits ``Conv(dY, flipped W)`` (ConvTranspose when
+  X has fewer than ``FEW_CHANNELS`` channels); it must equal the ConvTranspose graph (same rule
+  with the flipped form switched off) on every geometry the rule accepts, and ``flipped_kernel`` must equal torch's conv_transpose. Strided convolutions
   keep ConvTranspose, with the backward weight in its own initializer.
 * The Explainer: IO binding and memory-budget chunking change no number; the activation
   estimate scales with the image; ``from_graph`` runs a saved explainer graph.
@@ -73,6 +73,7 @@ def test_flipped_kernel_conv_equals_conv_transpose(name, rng, monkeypatch):
     attrs, x_shape, w_shape = STRIDE1_CONVS[name]
     model = conv_model(attrs, x_shape, w_shape, rng)
     x = distinct_values((2, *x_shape), rng)
+    monkeypatch.setattr(linear, "FEW_CHANNELS", 0)  # these small test inputs have few channels
     flipped = rectonnx.rewrite(model, "saliency")
     assert "Conv" in backward_ops(flipped) and "ConvTranspose" not in backward_ops(flipped)
     with monkeypatch.context() as patch:
@@ -82,6 +83,22 @@ def test_flipped_kernel_conv_equals_conv_transpose(name, rng, monkeypatch):
     _, a = run_explainer(flipped, x, [0, 2])
     _, b = run_explainer(transposed, x, [0, 2])
     assert_close(a, b, "flipped-kernel Conv vs ConvTranspose", tol=1e-6, where=name)
+
+
+@pytest.mark.parametrize("channels,expected", [(3, "ConvTranspose"), (8, "Conv")])
+def test_few_input_channels_keep_conv_transpose(channels, expected, rng, monkeypatch):
+    """An RGB first layer (fewer than FEW_CHANNELS input channels) keeps the ConvTranspose,
+    which onnxruntime runs faster there; it equals the flipped-kernel Conv."""
+    model = conv_model("pads = [1, 1, 1, 1]", (channels, 6, 6), (16, channels, 3, 3), rng)
+    x = distinct_values((2, channels, 6, 6), rng)
+    chosen = rectonnx.rewrite(model, "saliency")
+    assert backward_ops(chosen).count(expected) == 1
+    monkeypatch.setattr(linear, "FEW_CHANNELS", 0 if channels < 8 else 64)
+    other = rectonnx.rewrite(model, "saliency")
+    assert expected not in backward_ops(other)
+    _, a = run_explainer(chosen, x, [0, 2])
+    _, b = run_explainer(other, x, [0, 2])
+    assert_close(a, b, "few-channel ConvTranspose vs flipped Conv", tol=1e-6, where=expected)
 
 
 @pytest.mark.parametrize("group,shape", [(1, (6, 4, 3, 3)), (2, (6, 2, 3, 5)),

@@ -69,11 +69,13 @@ class Activation:
 class Unpooled:
     """A gradient ``dX = MaxUnpool(dY, Indices)`` (or its scatter form) of a max pool
     ``Y = MaxPool(X)`` whose windows cannot overlap: it is ``dY[o]`` at the arg-max of each
-    window ``o`` and zero elsewhere, so ``X * dX`` holds the values ``Y * dY`` and zeros."""
+    window ``o`` and zero elsewhere, so ``X * dX`` holds the values ``Y * dY`` and zeros.
+    ``spread(g)`` emits the same placement of another pooled-size gradient ``g``."""
 
     x: str
     y: str
     dy: str
+    spread: Callable[[str], str]
 
 
 class RuleContext:

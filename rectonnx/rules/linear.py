@@ -5,7 +5,9 @@ With ``dY`` the gradient of the output:
 * Conv ``Y = W * X``:          ``dX = ConvTranspose(dY, W)`` with the same strides, pads,
   dilations and group, and the output_padding that restores X's size. For stride 1 with a
   constant weight, emitted as the equal and faster ``Conv(dY, W')``, ``W'`` = ``W`` flipped with
-  in/out channels swapped (geometry.flipped_kernel). With the padding trick,
+  in/out channels swapped (geometry.flipped_kernel), except when X has fewer than
+  ``FEW_CHANNELS`` channels (an RGB input): onnxruntime pads a Conv's output channels to its
+  NCHWc block of 8 or 16, and the ConvTranspose is then faster. With the padding trick,
   ``dY`` is first multiplied by the mask that zeroes output positions reading padding.
   With spatial sizes known only at run time (symbolic H, W), the ConvTranspose has only the
   begin pads (for SAME padding computed from ``Shape(X)``) and its result is fitted to
@@ -51,7 +53,7 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
         dy = g.Mul(dy, g.const(mask, "padding_trick_mask"), hint="masked")
     weight = ctx.constant(w)
     flipped_pads = flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads)
-    if weight is not None and flipped_pads is not None:
+    if weight is not None and flipped_pads is not None and not _few_channels(weight, group):
         dx = g.Conv(dy, g.const(flipped_kernel(weight, group), "w_flipped"), pads=flipped_pads,
                     dilations=dilations, group=group, kernel_shape=kernel, hint="dx")
     else:
@@ -63,6 +65,16 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
             dx = g.Pad(dx, g.ints([0] * (rank + 2) + [0, 0] + geometry.extra_end, "pads"),
                        hint="dx")
     return [dx] + [None] * (len(node.input) - 1)
+
+
+FEW_CHANNELS = 8  # onnxruntime's smallest NCHWc block (AVX2; 16 with AVX-512)
+
+
+def _few_channels(weight: np.ndarray, group: int) -> bool:
+    """Whether ``dX`` has so few channels that ConvTranspose beats the flipped-kernel Conv:
+    measured on an RGB first layer (32 -> 3 channels, 3x3, stride 1) 1.2-1.5x in isolation
+    (benchmarks/micro.py), and it reads the NCHW gradient without a reorder."""
+    return group == 1 and weight.shape[1] < FEW_CHANNELS
 
 
 def _backward_weight(ctx: RuleContext, w: str) -> str:
@@ -102,7 +114,8 @@ def _conv_backward_dynamic(ctx: RuleContext, node, dy: str, *, kernel, strides, 
                         hint="padding_trick_mask")
         dy = g.Mul(dy, inside, hint="masked")
     weight = ctx.constant(w)
-    if weight is not None and all(s == 1 for s in strides) and not same:
+    if weight is not None and all(s == 1 for s in strides) and not same \
+            and not _few_channels(weight, group):
         # Stride 1: the output is X's size minus (k - 1) d plus the pads, whatever X's size, so
         # the flipped-kernel Conv needs no fitting.
         reach = [(k - 1) * d for k, d in zip(kernel, dilations)]

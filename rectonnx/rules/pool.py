@@ -6,7 +6,7 @@
   ``dX = MaxUnpool(dY, Indices, Shape(X))`` is the same sum, 8 % faster on the paper's CNN in
   onnxruntime's CPU provider; emitted only for ``runtime="onnxruntime-cpu"`` (OpenVINO has no
   MaxUnpool). Either way the gradient is noted in ``RuleContext.unpooled`` (RectGrad then takes
-  the percentile from the pooled scores, methods._sparse_threshold).
+  the percentile from the pooled scores and gates before the placement, methods._pooled_gate).
 * MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``):
   ``z = AveragePool(X) + 1e-10``, ``c = AveragePool^T(dY / z)``, ``dX = X c`` — the gradient is
   spread over each window in proportion to the activations.
@@ -140,20 +140,25 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
         all(s >= k for s, k in zip(strides or [1] * rank, kernel_shape))
     unpool_pads = _unpool_pads(ctx, node, x, kernel_shape, strides, pads, auto_pad,
                                ceil_mode) if disjoint and ctx.max_unpool else None
-    if unpool_pads is not None:
-        # disjoint windows: no index repeats, so placing each dY at its index is the sum
-        dx = g.MaxUnpool(dy, indices, g.Shape(x), kernel_shape=kernel_shape,
-                         strides=strides or [1] * rank, pads=unpool_pads, hint="dx")
-    else:
+
+    def spread(pooled_grad: str) -> str:
+        """Each window's gradient added at its arg-max: ``dX`` for ``dY = pooled_grad``."""
+        if unpool_pads is not None:
+            # disjoint windows: no index repeats, so placing each dY at its index is the sum
+            return g.MaxUnpool(pooled_grad, indices, g.Shape(x), kernel_shape=kernel_shape,
+                               strides=strides or [1] * rank, pads=unpool_pads, hint="dx")
         flat_size = g.Reshape(g.Size(x), g.ints([1], "shape"), hint="size")
         zeros = g.ConstantOfShape(flat_size, hint="zeros",
                                   value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
         flat = g.ints([-1], "flat")
-        scattered = g.ScatterElements(zeros, g.Reshape(indices, flat), g.Reshape(dy, flat),
-                                      axis=0, reduction="add", hint="dx")
-        dx = g.reshape_like(scattered, x, hint="dx")
+        scattered = g.ScatterElements(zeros, g.Reshape(indices, flat),
+                                      g.Reshape(pooled_grad, flat), axis=0, reduction="add",
+                                      hint="dx")
+        return g.reshape_like(scattered, x, hint="dx")
+
+    dx = spread(dy)
     if disjoint:
-        ctx.unpooled[dx] = Unpooled(x, node.output[0], dy)
+        ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, spread)
     return [dx]
 
 

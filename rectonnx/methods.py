@@ -76,7 +76,9 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
     ``q_tensor`` names a graph input that sets ``q`` at run time)."""
     def gate(ctx: RuleContext, act: Activation) -> str:
         g = ctx.g
-        passed = act.upstream if act.is_relu else act.exact
+        # f'(z) R, as R * I(f'(z) = 1) when f' is 0 or 1 (Clip): the masks then merge by And
+        passed = act.upstream if act.is_relu or act.mask is not None else act.exact
+        allowed = None if act.is_relu else act.mask
         sparse = tau is None and threshold == "topk" and q_tensor is None
         pooled = _pooled_threshold(ctx, act, q) if sparse else None
         if pooled is not None and act.is_relu:
@@ -91,13 +93,17 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
             cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
         else:
             cut = g.scalar(tau, hint="tau")
-        return _kept(g, passed, scores, cut)
+        return _kept(g, passed, scores, cut, allowed)
     return gate
 
 
-def _kept(g: GraphBuilder, passed: str, scores: str, cut: str) -> str:
-    """``passed * I(scores > cut)``: Cast + Mul runs ~1.8x faster than Where in onnxruntime."""
-    keep = g.CastLike(g.Greater(scores, cut), passed, hint="keep")
+def _kept(g: GraphBuilder, passed: str, scores: str, cut: str, allowed: str | None = None) -> str:
+    """``passed * I(scores > cut)`` (and ``allowed``, a boolean mask): Cast + Mul runs ~1.8x
+    faster than Where in onnxruntime."""
+    above = g.Greater(scores, cut)
+    if allowed is not None:
+        above = g.And(allowed, above)
+    keep = g.CastLike(above, passed, hint="keep")
     return g.Mul(passed, keep, hint="rectgrad")
 
 

@@ -234,6 +234,22 @@ def literal_method(method, activation, params, x, target, tau=None):
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_rectgrad_negative_tau_keeps_the_derivative(activation, rng):
+    """With tau < 0 the gate also passes units whose score ``y R`` is 0 or slightly negative,
+    e.g. ReLU6 units at 0 (z < 0), where only ``f'(z) = 0`` (the Clip mask that RectGrad
+    folds into its own by And) zeroes the gradient."""
+    model, params = perceptron(activation, rng)
+    x = distinct_values((5, 12), rng, -3.0, 3.0)
+    target = [0, 3, -1, 2, 1]
+    tau = -0.05
+    _, attribution = explain(model, x, target, "rectgrad", tau=tau)
+    expected = literal_method("rectgrad", activation, params, x, target, tau=tau)
+    z = x.astype(np.float64) @ params[0] + params[1]
+    assert (z < 0).any() and np.abs(expected).max() > 0
+    assert_close(attribution, expected, "rectgrad tau < 0 vs literal numpy", where=activation)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("method", ["saliency", "grad_input", "deconvnet", "guided_backprop",
                                     "rectgrad"])
 def test_methods_literal_on_a_perceptron(method, activation, rng):

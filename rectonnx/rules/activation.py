@@ -9,7 +9,8 @@ The masks read the output ``y``, not ``z``: ``z > 0 <=> y > 0`` for ReLU and
 never needs ``z`` besides the activation, which lets onnxruntime fuse Conv + Relu/Clip.
 
 The method (``saliency``, ``guided_backprop``, ``rectgrad`` ...) then decides the gradient that
-flows to ``z`` from ``Activation(z, y, dY, exact, is_relu)``.
+flows to ``z`` from ``Activation(z, y, dY, exact, is_relu, mask)`` (``mask``: Clip's boolean
+``min < y < max``, which RectGrad merges into its own mask by And instead of a second product).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 from .base import Activation, RuleContext, rule
 
 
-def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool) -> str:
-    act = Activation(z=node.input[0], y=node.output[0], upstream=dy, exact=exact, is_relu=is_relu)
+def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool,
+           mask: str | None = None) -> str:
+    act = Activation(z=node.input[0], y=node.output[0], upstream=dy, exact=exact,
+                     is_relu=is_relu, mask=mask)
     return ctx.method.activation(ctx, act)
 
 
@@ -59,4 +62,5 @@ def clip_backward(ctx: RuleContext, node, grads):
         below = g.Less(y, high)
         inside = below if inside is None else g.And(inside, below)
     exact = dy if inside is None else _masked(g, dy, inside, hint="clip_grad")
-    return [_gated(ctx, node, dy, exact, is_relu=False)] + [None] * (len(node.input) - 1)
+    return [_gated(ctx, node, dy, exact, is_relu=False, mask=inside)] + \
+        [None] * (len(node.input) - 1)

@@ -55,7 +55,9 @@ class Activation:
     """What a method needs at an activation ``y = f(z)`` with upstream gradient ``upstream``.
 
     ``exact`` is the true vector-Jacobian product ``f'(z) * upstream``; ``is_relu`` marks a
-    plain ReLU, where RectGrad uses the paper's rule without the ``f'(z)`` factor.
+    plain ReLU, where RectGrad uses the paper's rule without the ``f'(z)`` factor. ``mask``,
+    when set, is the boolean ``f'(z) == 1`` of an activation whose ``f'`` is 0 or 1 (Clip), so
+    that ``exact = upstream * mask`` and a method may fold it into its own mask.
     """
 
     z: str
@@ -63,6 +65,7 @@ class Activation:
     upstream: str
     exact: str
     is_relu: bool
+    mask: str | None = None
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,35 @@ def test_rectgrad_threshold_from_pooled_scores(paper_cnn, monkeypatch, q, paddin
     assert_close(fast, expected, "rectgrad (pooled percentile) vs literal torch", where=f"q{q}")
 
 
+@pytest.mark.parametrize("method", ["saliency", "guided_backprop", "rectgrad"])
+@pytest.mark.parametrize("runtime", ["any", "onnxruntime-cpu"])
+def test_relu_mask_on_the_pooled_grid(paper_cnn, monkeypatch, method, runtime):
+    """A ReLU feeding only a 2x2 max pool masks the pooled gradient by ``Y > 0`` before placing
+    it (rules/activation.py): bit-equal to masking the placed gradient by ``y > 0``, and equal to
+    torch autograd for saliency."""
+    net, x, model = paper_cnn
+    explainer = rectonnx.rewrite(model, method, runtime=runtime)
+    pools = {n.output[0] for n in explainer.graph.node if n.op_type == "MaxPool"}
+    masks = [n for n in explainer.graph.node if n.op_type == "Greater"]
+    if method != "rectgrad":  # RectGrad's own gate replaces the ReLU mask (pruned)
+        assert sum(n.input[0] in pools for n in masks) == 2
+    _, fast = run_explainer(explainer, x, TARGETS)
+    pool_rules = importlib.import_module("rectonnx.rules.pool")
+    monkeypatch.setattr(pool_rules, "Unpooled", lambda *args: type("NotNoted", (), {"x": None}))
+    full_size = rectonnx.rewrite(model, method, runtime=runtime)
+    masks = [n for n in full_size.graph.node if n.op_type == "Greater"]
+    assert not any(n.input[0] in pools for n in masks)
+    _, slow = run_explainer(full_size, x, TARGETS)
+    np.testing.assert_array_equal(fast, slow)
+    if method == "saliency":
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        logits = net(inputs)
+        chosen = torch.as_tensor(resolve_targets(logits.detach().numpy(), TARGETS))
+        logits.gather(1, chosen[:, None]).sum().backward()
+        assert_close(fast, inputs.grad.numpy(), "pooled ReLU mask saliency vs torch autograd",
+                     where=runtime)
+
+
 @pytest.mark.parametrize("tau", [0.0, 1e-3, -1e-3])
 def test_rectgrad_constant_tau_against_literal(paper_cnn, tau):
     check_rectgrad(paper_cnn, f"tau{tau}", rectgrad_rule(tau=tau), tau=tau)

@@ -1,6 +1,7 @@
 """Backward rules of the activations: the exact product ``f'(z) * dY``, then the method's gate.
 
-* Relu:       ``f'(z) = I(z > 0)``
+* Relu:       ``f'(z) = I(z > 0)``; when the ReLU feeds only a max pool with disjoint windows
+  (``RuleContext.unpooled``), ``spread(dY_pool * I(Y > 0))``: the mask on the pooled grid.
 * LeakyRelu:  ``f'(z) = 1 if z > 0 else alpha``
 * Clip:       ``f'(z) = I(min < z < max)`` (ReLU6 is Clip(0, 6); strict, as PyTorch's ReLU6)
 
@@ -34,7 +35,14 @@ def _masked(g, dy: str, mask: str, hint: str) -> str:
 def relu_backward(ctx: RuleContext, node, grads):
     (dy,) = grads
     g = ctx.g
-    exact = _masked(g, dy, g.Greater(node.output[0], g.scalar(0.0)), hint="relu_grad")
+    unpooled = ctx.unpooled.get(dy)
+    if unpooled is not None and unpooled.x == node.output[0]:
+        # dY is a max pool's gradient, nonzero only at arg-maxes, where y = Y: mask the pooled
+        # gradient by Y > 0, then place it (the same numbers, on a 4x smaller grid for 2x2)
+        pooled = _masked(g, unpooled.dy, g.Greater(unpooled.y, g.scalar(0.0)), hint="relu_grad")
+        exact = unpooled.spread(pooled)
+    else:
+        exact = _masked(g, dy, g.Greater(node.output[0], g.scalar(0.0)), hint="relu_grad")
     return [_gated(ctx, node, dy, exact, is_relu=True)]
 
 

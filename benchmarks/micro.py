@@ -5,7 +5,8 @@
 * the per-layer threshold: one TopK over all M scores vs rectonnx's two-stage block selection
   vs the TopK-free bisection (threshold.py), in ns per score, at ResNet-50 and paper-CNN sizes;
 * a convolution's input gradient: ConvTranspose vs a Conv with the flipped kernel (stride 1,
-  what rectonnx emits) vs the polyphase Conv + DepthToSpace (stride 2, not emitted: slower);
+  what rectonnx emits unless X has fewer than 8 channels, as an RGB first layer) vs the
+  polyphase Conv + DepthToSpace (stride 2, not emitted: slower);
 * the RectGrad gate ``Where(s > tau, R, 0)`` vs ``R * Cast(s > tau)``;
 * MaxPool with and without its Indices output (the exact max-pool backward needs them).
 
@@ -27,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rectonnx.builder import GraphBuilder
 from rectonnx.geometry import conv_transpose_geometry, flipped_kernel, flipped_kernel_pads
-from rectonnx.rules.linear import flipped_kernel_plan
+from rectonnx.rules.linear import FEW_CHANNELS, flipped_kernel_plan
 from rectonnx.threshold import percentile_rank, percentile_threshold
 import rectonnx.threshold as threshold_module
 
@@ -104,7 +105,7 @@ def bench_thresholds(quick: bool, repeats: int) -> list[dict]:
 CONVS = [  # (c_in, c_out, kernel, stride, pad, n): the forward conv whose dX is computed
     (3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
     (128, 128, 3, 2, 1, 56), (256, 512, 1, 2, 0, 56), (256, 256, 3, 1, 1, 14),
-    (32, 32, 3, 1, 1, 32), (64, 64, 3, 1, 1, 16)]
+    (32, 32, 3, 1, 1, 32), (64, 64, 3, 1, 1, 16), (3, 32, 3, 1, 1, 32)]
 
 
 def polyphase(weight: np.ndarray, n: int, m: int, s: int, b: int):
@@ -178,7 +179,8 @@ def bench_convs(quick: bool, repeats: int) -> list[dict]:
             times = best_ms({name: (lambda v=v: v.run(None, {"dy": dy}))
                              for name, v in variants.items()}, repeats)
             for name, ms in times.items():
-                emitted = "flipped" in name if plan is not None else name == "ConvTranspose"
+                flipped = plan is not None and c_in >= FEW_CHANNELS
+                emitted = "flipped" in name if flipped else name == "ConvTranspose"
                 rows.append(dict(case="conv dX", shape=f"N={batch}, {c_in}<-{c_out}, k{k} s{s} "
                                  f"p{p}, {n}px", variant=name, ms=ms, chosen=emitted,
                                  max_rel_diff=error))

@@ -72,7 +72,7 @@ FEW_CHANNELS = 8  # onnxruntime's smallest NCHWc block (AVX2; 16 with AVX-512)
 
 def _few_channels(weight: np.ndarray, group: int) -> bool:
     """Whether ``dX`` has so few channels that ConvTranspose beats the flipped-kernel Conv:
-    measured on an RGB first layer (32 -> 3 channels, 3x3, stride 1) 1.2-1.5x in isolation
+    measured on an RGB first layer (32 -> 3 channels, 3x3, stride 1) 1.2-1.8x in isolation
     (benchmarks/micro.py), and it reads the NCHW gradient without a reorder."""
     return group == 1 and weight.shape[1] < FEW_CHANNELS
 

@@ -5,8 +5,10 @@
   Windows that cannot overlap (stride >= kernel, no dilation) never repeat an index, and
   ``dX = MaxUnpool(dY, Indices, Shape(X))`` is the same sum, 8 % faster on the paper's CNN in
   onnxruntime's CPU provider; emitted only for ``runtime="onnxruntime-cpu"`` (OpenVINO has no
-  MaxUnpool). Either way the gradient is noted in ``RuleContext.unpooled`` (RectGrad then takes
-  the percentile from the pooled scores and gates before the placement, methods._pooled_gate).
+  MaxUnpool). Either way the gradient is noted in ``RuleContext.unpooled``, with the placement
+  as a function: RectGrad then takes the percentile from the pooled scores and gates before the
+  placement (methods._pooled_threshold), the ReLU below masks on the pooled grid
+  (activation.relu_backward).
 * MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``):
   ``z = AveragePool(X) + 1e-10``, ``c = AveragePool^T(dY / z)``, ``dX = X c`` — the gradient is
   spread over each window in proportion to the activations.

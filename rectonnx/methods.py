@@ -111,8 +111,8 @@ def _pooled_threshold(ctx: RuleContext, act: Activation,
                       q: float) -> "tuple[Unpooled, str, str] | None":
     """When ``y`` feeds only a max pool with disjoint windows: the pool, its scores ``Y * dY``
     and the percentile taken from them (threshold.percentile_threshold_of_sparse); else None."""
-    unpooled = ctx.unpooled.get(act.upstream)
-    if unpooled is None or unpooled.x != act.y:
+    unpooled = ctx.unpooled_from(act.upstream, act.y)
+    if unpooled is None:
         return None
     size, pooled_size = ctx.sample_size(act.y), ctx.sample_size(unpooled.y)
     if size is None or pooled_size is None or \

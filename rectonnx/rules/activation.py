@@ -35,8 +35,8 @@ def _masked(g, dy: str, mask: str, hint: str) -> str:
 def relu_backward(ctx: RuleContext, node, grads):
     (dy,) = grads
     g = ctx.g
-    unpooled = ctx.unpooled.get(dy)
-    if unpooled is not None and unpooled.x == node.output[0]:
+    unpooled = ctx.unpooled_from(dy, node.output[0])
+    if unpooled is not None:
         # dY is a max pool's gradient, nonzero only at arg-maxes, where y = Y: mask the pooled
         # gradient by Y > 0, then place it (the same numbers, on a 4x smaller grid for 2x2)
         pooled = _masked(g, unpooled.dy, g.Greater(unpooled.y, g.scalar(0.0)), hint="relu_grad")

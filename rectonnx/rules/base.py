@@ -127,6 +127,12 @@ class RuleContext:
             return None
         return int(np.prod(shape[1:]))
 
+    def unpooled_from(self, grad: str, x: str) -> "Unpooled | None":
+        """The disjoint max pool of ``x`` whose placed gradient is ``grad`` (so ``x`` feeds
+        only that pool), else None."""
+        unpooled = self.unpooled.get(grad)
+        return unpooled if unpooled is not None and unpooled.x == x else None
+
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
 

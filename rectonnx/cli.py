@@ -16,6 +16,8 @@ import click
 
 from .errors import RectonnxError
 from .methods import METHOD_NAMES
+from .rewrite import RUNTIMES
+from .threshold import ALGORITHMS
 
 METHOD_CHOICE = click.Choice(METHOD_NAMES)
 
@@ -65,12 +67,12 @@ def main():
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the explainer graph (.onnx).")
 @method_options
-@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
               show_default=True, help="RectGrad percentile algorithm (same result): topk is "
                                       "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--q-input", is_flag=True,
               help="RectGrad: make q an optional graph input (float64 [1] or [N]; default --q).")
-@click.option("--runtime", type=click.Choice(["any", "onnxruntime-cpu"]), default="any",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="any",
               show_default=True, help="any: ops every tested runtime runs; onnxruntime-cpu: "
                                       "also MaxUnpool (faster there, absent from OpenVINO).")
 @friendly_errors
@@ -110,7 +112,7 @@ def info(model, input_name, output_name):
               help="Output directory (attributions, heatmaps, manifest.jsonl); re-running the "
                    "same command resumes where it stopped.")
 @method_options
-@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
               show_default=True, help="RectGrad percentile algorithm (same result): topk is "
                                       "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--target", type=int, default=-1, show_default=True,
@@ -188,7 +190,7 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
                                            "file's stem and the method, e.g. resnet_rectgrad).")
 @click.option("--version", type=click.IntRange(1), default=1, show_default=True)
 @method_options
-@click.option("--threshold", type=click.Choice(["topk", "bisect"]), default="topk",
+@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
               show_default=True, help="RectGrad percentile algorithm (same result): topk is "
                                       "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
 @click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True,

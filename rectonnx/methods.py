@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from .builder import GraphBuilder
-from .rules.base import Activation, RuleContext, Unpooled
+from .rules.base import Activation, RuleContext, Unpooled, masked
 from .threshold import (DEFAULT_ALGORITHM, check_algorithm, percentile_threshold,
                         percentile_threshold_of_sparse, sparse_shortcut_applies)
 
@@ -98,13 +98,11 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
 
 
 def _kept(g: GraphBuilder, passed: str, scores: str, cut: str, allowed: str | None = None) -> str:
-    """``passed * I(scores > cut)`` (and ``allowed``, a boolean mask): Cast + Mul runs ~1.8x
-    faster than Where in onnxruntime."""
+    """``passed * I(scores > cut)``, and ``allowed`` (a boolean mask) when given."""
     above = g.Greater(scores, cut)
     if allowed is not None:
         above = g.And(allowed, above)
-    keep = g.CastLike(above, passed, hint="keep")
-    return g.Mul(passed, keep, hint="rectgrad")
+    return masked(g, passed, above, hint="rectgrad")
 
 
 def _pooled_threshold(ctx: RuleContext, act: Activation,

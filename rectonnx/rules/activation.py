@@ -16,7 +16,7 @@ flows to ``z`` from ``Activation(z, y, dY, exact, is_relu, mask)`` (``mask``: Cl
 
 from __future__ import annotations
 
-from .base import Activation, RuleContext, rule
+from .base import Activation, RuleContext, masked, rule
 
 
 def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool,
@@ -24,11 +24,6 @@ def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool,
     act = Activation(z=node.input[0], y=node.output[0], upstream=dy, exact=exact,
                      is_relu=is_relu, mask=mask)
     return ctx.method.activation(ctx, act)
-
-
-def _masked(g, dy: str, mask: str, hint: str) -> str:
-    """``dy * I(mask)``: Cast + Mul runs about 1.4x faster than Where in onnxruntime."""
-    return g.Mul(dy, g.CastLike(mask, dy), hint=hint)
 
 
 @rule("Relu")
@@ -39,10 +34,10 @@ def relu_backward(ctx: RuleContext, node, grads):
     if unpooled is not None:
         # dY is a max pool's gradient, nonzero only at arg-maxes, where y = Y: mask the pooled
         # gradient by Y > 0, then place it (the same numbers, on a 4x smaller grid for 2x2)
-        pooled = _masked(g, unpooled.dy, g.Greater(unpooled.y, g.scalar(0.0)), hint="relu_grad")
+        pooled = masked(g, unpooled.dy, g.Greater(unpooled.y, g.scalar(0.0)), hint="relu_grad")
         exact = unpooled.spread(pooled)
     else:
-        exact = _masked(g, dy, g.Greater(node.output[0], g.scalar(0.0)), hint="relu_grad")
+        exact = masked(g, dy, g.Greater(node.output[0], g.scalar(0.0)), hint="relu_grad")
     return [_gated(ctx, node, dy, exact, is_relu=True)]
 
 
@@ -69,6 +64,6 @@ def clip_backward(ctx: RuleContext, node, grads):
     if high is not None:
         below = g.Less(y, high)
         inside = below if inside is None else g.And(inside, below)
-    exact = dy if inside is None else _masked(g, dy, inside, hint="clip_grad")
+    exact = dy if inside is None else masked(g, dy, inside, hint="clip_grad")
     return [_gated(ctx, node, dy, exact, is_relu=False, mask=inside)] + \
         [None] * (len(node.input) - 1)

@@ -249,6 +249,12 @@ class RuleContext:
         return node.output[index]
 
 
+def masked(g: GraphBuilder, x: str, mask: str, hint: str) -> str:
+    """``x * I(mask)`` for a boolean ``mask``: Cast + Mul runs 1.4-1.8x faster than Where in
+    onnxruntime (benchmarks/micro.py)."""
+    return g.Mul(x, g.CastLike(mask, x, hint="keep"), hint=hint)
+
+
 def gated(ctx: RuleContext, node: onnx.NodeProto, upstream: str, exact: str,
           is_relu: bool = False) -> str:
     """The method's gradient at the activation ``node`` (``y = f(z)``, one input, one output)

@@ -12,8 +12,11 @@ the result arrays through onnxruntime's IO binding (no per-chunk copies, no conc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +52,10 @@ def cuda_usable() -> bool:
     """True when onnxruntime's CUDA provider library and the CUDA/cuDNN libraries it needs load.
 
     Checked with ctypes first, so a CPU-only machine with onnxruntime-gpu installed does not
-    print onnxruntime's "failed to load libcublasLt" error on every session.
+    print onnxruntime's "failed to load libcublasLt" error on every session. CUDA and cuDNN
+    installed as Python packages (``nvidia-*`` wheels, as with ``onnxruntime-gpu[cuda,cudnn]``)
+    are not on the loader's path: then onnxruntime's ``preload_dlls`` loads them (its messages
+    silenced) and the check runs again.
     """
     import onnxruntime as ort
 
@@ -58,11 +64,34 @@ def cuda_usable() -> bool:
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not library.is_file():  # Windows or an unusual layout: let onnxruntime decide
         return True
+    if _loads(library):
+        return True
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None:
+        return False
+    try:
+        with _quiet():
+            preload()
+    except Exception:  # noqa: BLE001 - any failure to preload means "no CUDA here"
+        return False
+    return _loads(library)
+
+
+def _loads(library: Path) -> bool:
     try:
         ctypes.CDLL(str(library))
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python-level prints and warnings (onnxruntime's preload reports each miss)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def default_providers() -> list[str]:

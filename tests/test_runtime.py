@@ -103,3 +103,73 @@ def test_fixed_batch_model_runs_any_batch_by_padding_chunks():
     explainer = rectonnx.Explainer(model, "saliency")
     result = explainer.explain(np.ones((3, 4), np.float32), [0, 1, 2])
     np.testing.assert_allclose(result.attribution, weight.T, rtol=1e-6)
+
+
+# -- finding CUDA ---------------------------------------------------------------------------------
+@pytest.fixture
+def fake_cuda_build(monkeypatch, tmp_path):
+    """onnxruntime that lists the CUDA provider and whose provider library exists on disk."""
+    import onnxruntime as ort
+
+    import rectonnx.runtime as runtime
+
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (capi / "libonnxruntime_providers_cuda.so").write_bytes(b"")
+    monkeypatch.setattr(ort, "__file__", str(tmp_path / "onnxruntime" / "__init__.py"))
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runtime.cuda_usable.cache_clear()
+    yield ort, runtime
+    runtime.cuda_usable.cache_clear()
+
+
+@pytest.mark.parametrize("preload_finds_cuda", [True, False])
+def test_cuda_from_python_packages_is_found_by_preloading_quietly(fake_cuda_build, monkeypatch,
+                                                                   capsys, preload_finds_cuda):
+    """CUDA libraries from pip packages load only after onnxruntime's preload_dlls; its
+    messages about each library it misses are not shown."""
+    ort, runtime = fake_cuda_build
+    state = {"preloaded": False}
+
+    def preload():
+        print("Failed to load libcublasLt.so.13")  # what onnxruntime prints for each miss
+        state["preloaded"] = preload_finds_cuda
+
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+    monkeypatch.setattr(runtime, "_loads", lambda library: state["preloaded"])
+    assert runtime.cuda_usable() is preload_finds_cuda
+    assert runtime.default_providers()[0] == ("CUDAExecutionProvider" if preload_finds_cuda
+                                              else "CPUExecutionProvider")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_cuda_check_survives_a_failing_or_missing_preload(fake_cuda_build, monkeypatch):
+    ort, runtime = fake_cuda_build
+    monkeypatch.setattr(runtime, "_loads", lambda library: False)
+
+    def broken():
+        raise RuntimeError("Invalid parameter of directory")
+
+    monkeypatch.setattr(ort, "preload_dlls", broken, raising=False)
+    assert runtime.cuda_usable() is False
+    runtime.cuda_usable.cache_clear()
+    monkeypatch.delattr(ort, "preload_dlls", raising=False)  # onnxruntime < 1.21
+    assert runtime.cuda_usable() is False
+
+
+def test_cuda_check_is_false_and_silent_on_this_machine_without_a_gpu(capsys):
+    """Where no CUDA driver is present (CI), the check says so without printing anything."""
+    import rectonnx.runtime as runtime
+
+    runtime.cuda_usable.cache_clear()
+    try:
+        import ctypes
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("a CUDA driver is present here")
+    except OSError:
+        pass
+    assert runtime.cuda_usable() is False
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -7,11 +7,12 @@ ResNet-50, 224 px), exports them to ONNX and measures, per model and batch size:
 
 * onnxruntime inference of the exported model (the reference: ratio 1.0);
 * rectonnx explainer graphs: saliency, guided backprop, RectGrad q = 98 (threshold "topk" and the
-  TensorRT-safe "bisect"), run by ``rectonnx.Explainer`` (IO binding);
+  TensorRT-safe "bisect"), run by ``rectonnx.Explainer`` as a user calls it;
 * eager PyTorch: the forward pass, RectGrad by autograd-function gating with torch.topk
   (benchmarks/eager.py), and Captum's GuidedBackprop;
 * (full mode) the optimisations one at a time, each switched back to its old form in an
-  otherwise identical graph: plain TopK, ConvTranspose backward, ``Where`` gate, no IO binding;
+  otherwise identical graph: plain TopK, ConvTranspose backward, ``Where`` gate, full-size
+  percentile under max pools, ScatterElements max-pool backward;
 * peak memory (RSS) of one attribution run in a fresh subprocess per contender;
 * how onnxruntime optimises the graph (nodes before/after, fused and NCHWc convolutions).
 
@@ -237,15 +238,13 @@ def switched_off(*features: str):
 
 
 ABLATIONS = [
-    ("all optimisations", (), True),
-    ("plain sorted TopK threshold (was)", ("threshold",), True),
-    ("ConvTranspose backward (was)", ("conv",), True),
-    ("Where gate (was)", ("gate",), True),
-    ("full-size percentile and gate under max pools (was)", ("pooled",), True),
-    ("ScatterElements max-pool backward (was)", ("unpool",), True),
-    ("no IO binding (was)", (), False),
-    ("none: the first rectonnx graph", ("threshold", "conv", "gate", "pooled", "unpool"),
-     False),
+    ("all optimisations", ()),
+    ("plain sorted TopK threshold (was)", ("threshold",)),
+    ("ConvTranspose backward (was)", ("conv",)),
+    ("Where gate (was)", ("gate",)),
+    ("full-size percentile and gate under max pools (was)", ("pooled",)),
+    ("ScatterElements max-pool backward (was)", ("unpool",)),
+    ("none: the first rectonnx graph", ("threshold", "conv", "gate", "pooled", "unpool")),
 ]
 
 
@@ -255,9 +254,9 @@ def bench_ablation(name: str, model, shape, batch: int, rounds: int, warmup: int
     x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
     target = forward.run(None, {input_name: x})[0].argmax(axis=1).astype(np.int64)
     contenders, graphs = {"onnxruntime inference": lambda: forward.run(None, {input_name: x})}, {}
-    for label, features, binding in ABLATIONS:
+    for label, features in ABLATIONS:
         with switched_off(*features):
-            made = explainer(model, "rectgrad", q=Q, io_binding=binding)
+            made = explainer(model, "rectgrad", q=Q)
         graphs[label] = made.graph
         contenders[label] = lambda made=made: made.explain(x, target)
     reference_map = contenders["all optimisations"]().attribution

@@ -6,8 +6,9 @@
 Batches larger than ``batch_size`` run in chunks so memory stays bounded; ``memory_budget_mb``
 lowers the chunk so that the estimated activation memory of one run fits
 (``activation_bytes_per_sample``). Targets are checked against the number of classes; a
-negative target means "the predicted class". Each chunk's outputs are written straight into
-the result arrays through onnxruntime's IO binding (no per-chunk copies, no concatenation).
+negative target means "the predicted class". A batch that fits one chunk returns onnxruntime's
+own output arrays; chunks write their outputs straight into the result arrays through
+onnxruntime's IO binding (no per-chunk copies, no concatenation).
 """
 
 from __future__ import annotations
@@ -286,8 +287,8 @@ class Explainer:
                                           for e, s in zip(expected[1:], x.shape[1:])):
             raise InputError(f"the batch has shape {list(x.shape)}; the model expects "
                              f"{_shape_text(expected)} (N = batch)")
-        bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-        if bad.any():
+        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # NaN propagates
+            bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
             raise InputError(f"samples {np.flatnonzero(bad)[:10].tolist()} contain NaN or Inf")
         return np.ascontiguousarray(x)
 
@@ -316,6 +317,13 @@ class Explainer:
         """Attribution maps and logits for the batch ``x`` (shape ``[N, ...]`` as the model)."""
         x = self.check_batch(x)
         targets = self.check_target(target, len(x))
+        if 0 < len(x) <= self.batch_size and self.input_shape[0] in (None, len(x)):
+            # one run: onnxruntime's own output arrays are the result (binding outputs to
+            # arrays of ours cost 0.2 ms per call at batch 1 and saved nothing here)
+            logits, attribution = self.session.run([LOGITS, ATTRIBUTION],
+                                                   {self.input_name: x, TARGET: targets})
+            resolved = np.where(targets < 0, logits.argmax(axis=1), targets)
+            return Explanation(attribution, logits, resolved)
         attribution = np.empty(x.shape, self._dtypes[ATTRIBUTION])
         logits = None if self.num_classes is None else \
             np.empty((len(x), self.num_classes), self._dtypes[LOGITS])

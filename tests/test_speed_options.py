@@ -4,9 +4,11 @@
   X has fewer than ``FEW_CHANNELS`` channels); it must equal the ConvTranspose graph (same rule
   with the flipped form switched off) on every geometry the rule accepts, and ``flipped_kernel`` must equal torch's conv_transpose. Strided convolutions
   keep ConvTranspose, with the backward weight in its own initializer.
-* The Explainer: IO binding and memory-budget chunking change no number; the activation
-  estimate scales with the image; ``from_graph`` runs a saved explainer graph.
+* The Explainer: one run, IO-bound chunks and memory-budget chunking change no number; the
+  activation estimate scales with the image; ``from_graph`` runs a saved explainer graph.
 * The benchmark's eager PyTorch RectGrad (benchmarks/eager.py) computes what rectonnx does.
+* The prepared GPU check (benchmarks/gpu.py) runs end to end on the CPU provider and tells
+  shape arithmetic from compute among the nodes a provider leaves to the CPU.
 """
 
 from __future__ import annotations
@@ -156,14 +158,18 @@ def net_and_model():
     return net, export(net, torch.randn(1, 3, 16, 16))
 
 
-def test_io_binding_and_budget_chunks_change_nothing(net_and_model, rng):
+def test_one_run_and_chunks_bound_or_not_change_nothing(net_and_model, rng):
+    """A batch in one run returns onnxruntime's arrays; chunks are written into the result
+    through IO binding (or copied, io_binding=False); the numbers are the same."""
     _, model = net_and_model
     x = rng.standard_normal((7, 3, 16, 16)).astype(np.float32)
-    plain = Explainer(model, "rectgrad", q=90, io_binding=False, providers=PROVIDERS)
-    bound = Explainer(model, "rectgrad", q=90, providers=PROVIDERS)
-    reference = plain.explain(x, [0, 1, 2, 3, 4, -1, -1])
-    for explainer in (bound, Explainer(model, "rectgrad", q=90, providers=PROVIDERS,
-                                       memory_budget_mb=1e-6)):
+    one_run = Explainer(model, "rectgrad", q=90, providers=PROVIDERS)
+    bound = Explainer(model, "rectgrad", q=90, providers=PROVIDERS, batch_size=3)
+    plain = Explainer(model, "rectgrad", q=90, io_binding=False, providers=PROVIDERS,
+                      batch_size=3)
+    reference = one_run.explain(x, [0, 1, 2, 3, 4, -1, -1])
+    for explainer in (bound, plain, Explainer(model, "rectgrad", q=90, providers=PROVIDERS,
+                                              memory_budget_mb=1e-6)):
         result = explainer.explain(x, [0, 1, 2, 3, 4, -1, -1])
         np.testing.assert_array_equal(result.attribution, reference.attribution)
         np.testing.assert_array_equal(result.logits, reference.logits)
@@ -245,3 +251,72 @@ def test_eager_torch_rectgrad_matches_rectonnx(net_and_model):
         assert (expected > 0).any()
         assert_close(attribution.numpy(), expected, "eager torch RectGrad vs rectonnx",
                      tol=1e-4, where=f"q{q}")
+
+
+# -- the GPU check (benchmarks/gpu.py), run here on the CPU provider ------------------------------
+@pytest.fixture
+def gpu_check():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import gpu
+        yield gpu
+    finally:
+        while str(BENCHMARKS) in sys.path:
+            sys.path.remove(str(BENCHMARKS))
+
+
+def test_gpu_check_runs_on_the_cpu_provider(gpu_check, tmp_path):
+    """The prepared device check end to end: every node on the asked provider, the same
+    attribution as the CPU provider, and a speed row per contender."""
+    import json
+
+    assert gpu_check.main(["--provider", "cpu", "--quick", "--models", "paper_cnn", "--no-torch",
+                           "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    (placed,) = report["placement"]
+    assert placed["by_provider"] == {"CPUExecutionProvider": placed["nodes"]} and \
+        placed["nodes"] > 20
+    assert placed["compute_nodes_elsewhere"] == [] and placed["copies"] == 0
+    (agreed,) = report["agreement"]
+    assert agreed["attribution_max_rel"] == 0.0 and agreed["logits_max_rel"] == 0.0
+    assert {r["contender"] for r in report["speed"]} == {
+        "onnxruntime inference", "rectonnx rectgrad",
+        "rectonnx rectgrad (Explainer, host arrays)"}
+    assert all(r["ms"] > 0 for r in report["speed"])
+    assert "### Placement" in (tmp_path / "gpu.md").read_text()
+
+
+def _event(name, op, provider, *tensors):
+    """An onnxruntime profile event of node ``name``; tensors as (dtype, shape), first = output."""
+    types = [{dtype: list(shape)} for dtype, shape in tensors]
+    return {"cat": "Node", "name": f"{name}_kernel_time",
+            "args": {"op_name": op, "provider": provider, "output_type_shape": types[:1],
+                     "input_type_shape": types[1:]}}
+
+
+def test_gpu_check_tells_shape_arithmetic_from_compute_fallbacks(gpu_check):
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    events = [
+        _event("conv", "Conv", cuda, ("float", [1, 8, 4, 4]), ("float", [1, 3, 4, 4])),
+        _event("shape_sum", "Add", cpu, ("int64", [4]), ("int64", [4]), ("int64", [1])),
+        _event("rank", "Shape", cpu, ("int64", [4]), ("float", [1, 8, 4, 4])),
+        _event("topk", "TopK", cpu, ("float", [1, 5]), ("float", [1, 128]), ("int64", [1])),
+        _event("copy", "MemcpyToHost", cuda, ("float", [1, 128]), ("float", [1, 128])),
+        {"cat": "Session", "name": "model_run", "args": {}},
+    ]
+    summary = gpu_check.summarise_placement(events, cuda)
+    assert summary["nodes"] == 5 and summary["by_provider"] == {cuda: 2, cpu: 3}
+    assert summary["shape_nodes_elsewhere"] == 1  # the int64 Add; Shape reads a float tensor
+    assert summary["compute_nodes_elsewhere"] == ["Shape rank", "TopK topk"]
+    assert summary["copies"] == 1
+
+
+def test_gpu_check_without_cuda_is_one_clear_error(gpu_check, tmp_path, capsys):
+    from rectonnx.runtime import cuda_usable
+
+    if cuda_usable():
+        pytest.skip("CUDA is usable here")
+    assert gpu_check.main(["--provider", "cuda", "--quick", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "CUDA" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "gpu.json").exists()

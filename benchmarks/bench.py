@@ -550,10 +550,14 @@ def main(argv=None) -> None:
     report["load_after"] = load_average()
     table = markdown(report)
     print(table)
-    out = Path(args.out)
+    save(Path(args.out), "bench", table, report)
+
+
+def save(out: Path, stem: str, table: str, report: dict) -> None:
+    """``stem.md`` (the tables) and ``stem.json`` (every number) in the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

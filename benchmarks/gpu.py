@@ -298,35 +298,40 @@ def check_model(name: str, model: onnx.ModelProto, shape, kind: str, methods) ->
 
 
 # -- report ----------------------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def markdown(report: dict) -> str:
-    lines = [f"Provider: {report['provider']}; device: {report['device']}; onnxruntime "
-             f"{report['onnxruntime']}, torch {report['torch']}; {report['date']}.", "",
-             "### Placement (one profiled run, batch 2)", "",
-             "| model | method | nodes run | by provider | shape nodes elsewhere | "
-             "compute nodes elsewhere | host/device copies |", "|---|---|---|---|---|---|---|"]
+    placement_rows = []
     for p in report["placement"]:
         elsewhere = ", ".join(p["compute_nodes_elsewhere"][:6]) or "none"
         if len(p["compute_nodes_elsewhere"]) > 6:
             elsewhere += f" (+{len(p['compute_nodes_elsewhere']) - 6})"
         providers = ", ".join(f"{k}: {v}" for k, v in p["by_provider"].items())
-        lines.append(f"| {p['model']} | {p['method']} | {p['nodes']} | {providers} | "
-                     f"{p['shape_nodes_elsewhere']} | {elsewhere} | {p['copies']} |")
-    lines += ["", "### Agreement with the CPU provider (batch 2)", "",
-              "| model | method | attribution max rel diff | share > 1e-3 | logits max rel diff |",
-              "|---|---|---|---|---|"]
-    for a in report["agreement"]:
-        lines.append(f"| {a['model']} | {a['method']} | {a['attribution_max_rel']:.1e} | "
-                     f"{a['attribution_share_off']:.2e} | {a['logits_max_rel']:.1e} |")
-    lines += ["", "### Speed (median over interleaved rounds)", "",
-              "| model | batch | contender | ms | best ms | x inference |",
-              "|---|---|---|---|---|---|"]
-    for r in report["speed"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['contender']} | {r['ms']:.2f} | "
-                     f"{r['best_ms']:.2f} | {r['x_inference']:.2f} |")
-    lines += ["", "| model | batch | ratio | value |", "|---|---|---|---|"]
-    for g in report["goals"]:
-        lines.append(f"| {g['model']} | {g['batch']} | {g['goal']} | {g['value']:.2f} |")
-    return "\n".join(lines)
+        placement_rows.append([p["model"], p["method"], p["nodes"], providers,
+                               p["shape_nodes_elsewhere"], elsewhere, p["copies"]])
+    return "\n".join(
+        [f"Provider: {report['provider']}; device: {report['device']}; onnxruntime "
+         f"{report['onnxruntime']}, torch {report['torch']}; {report['date']}.", "",
+         "### Placement (one profiled run, batch 2)", ""]
+        + markdown_table(["model", "method", "nodes run", "by provider", "shape nodes elsewhere",
+                          "compute nodes elsewhere", "host/device copies"], placement_rows)
+        + ["", "### Agreement with the CPU provider (batch 2)", ""]
+        + markdown_table(["model", "method", "attribution max rel diff", "share > 1e-3",
+                          "logits max rel diff"],
+                         [[a["model"], a["method"], f"{a['attribution_max_rel']:.1e}",
+                           f"{a['attribution_share_off']:.2e}", f"{a['logits_max_rel']:.1e}"]
+                          for a in report["agreement"]])
+        + ["", "### Speed (median over interleaved rounds)", ""]
+        + markdown_table(["model", "batch", "contender", "ms", "best ms", "x inference"],
+                         [[r["model"], r["batch"], r["contender"], f"{r['ms']:.2f}",
+                           f"{r['best_ms']:.2f}", f"{r['x_inference']:.2f}"]
+                          for r in report["speed"]])
+        + [""] + markdown_table(["model", "batch", "ratio", "value"],
+                                [[g["model"], g["batch"], g["goal"], f"{g['value']:.2f}"]
+                                 for g in report["goals"]]))
 
 
 def device_name(kind: str) -> str:
@@ -368,10 +373,8 @@ def main(argv=None) -> int:
     report["goals"] = goals(report["speed"])
     table = markdown(report)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.md").write_text(table + "\n")
-    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    from bench import save
+    save(Path(args.out), "gpu", table, report)
     return 0
 
 

@@ -50,6 +50,7 @@ except ImportError:  # placement and onnxruntime speed need no torch
     torch = None
 import onnxruntime as ort  # noqa: E402
 
+from bench import PAUSE_S, save  # noqa: E402
 from rectonnx import rewrite  # noqa: E402
 from rectonnx.rewrite import ATTRIBUTION, LOGITS  # noqa: E402
 from rectonnx.runtime import Explainer, cuda_usable  # noqa: E402
@@ -183,6 +184,7 @@ def timed(contenders: dict, rounds: int, warmup: int, synchronise) -> dict[str, 
             synchronise()
             if index >= warmup:
                 times[name].append((time.perf_counter() - started) * 1000)
+            time.sleep(PAUSE_S)  # PyTorch's CPU threads go to sleep before the next contender
     return times
 
 
@@ -373,7 +375,6 @@ def main(argv=None) -> int:
     report["goals"] = goals(report["speed"])
     table = markdown(report)
     print(table)
-    from bench import save
     save(Path(args.out), "gpu", table, report)
     return 0
 

@@ -116,8 +116,9 @@ def _no_grad(net, inputs):
 
 EXPLAINERS = [("saliency", "saliency", {}),
               ("guided_backprop", "guided_backprop", {}),
-              ("rectgrad", "rectgrad", {"q": Q}),
-              ("rectgrad (bisect)", "rectgrad", {"q": Q, "threshold": "bisect"})]
+              ("rectgrad", "rectgrad", {"q": Q, "padding_trick": False}),
+              ("rectgrad (bisect)", "rectgrad", {"q": Q, "threshold": "bisect",
+                                                 "padding_trick": False})]
 
 
 def bench_speed(name: str, net, model, shape, batches, rounds: int, warmup: int,
@@ -200,12 +201,12 @@ def legacy_threshold(g, scores, shape, q, algorithm="topk", q_tensor=None):
 
 def legacy_gate(q, tau, threshold="topk", q_tensor=None):
     """rectonnx's first gate: ``Where(y R > tau, R, 0)``."""
-    import rectonnx.methods as methods
+    import rectonnx.gates as gates
 
     def gate(ctx, act):
         g = ctx.g
         scores = g.Mul(act.y, act.upstream, hint="importance")
-        cut = methods.percentile_threshold(g, scores, ctx.shape(act.y), q, threshold)
+        cut = gates.percentile_threshold(g, scores, ctx.shape(act.y), q, threshold)
         passed = act.upstream if act.is_relu else act.exact
         return g.Where(g.Greater(scores, cut), passed, g.scalar(0.0), hint="rectgrad")
     return gate
@@ -214,27 +215,28 @@ def legacy_gate(q, tau, threshold="topk", q_tensor=None):
 @contextlib.contextmanager
 def switched_off(*features: str):
     """Rewrite with the named optimisations replaced by what rectonnx did before them."""
-    import rectonnx.methods as methods
+    import rectonnx.gates as gates
+    import rectonnx.methods as methods  # the registry builds RectGrad with its rectified_gate
     import rectonnx.rules.linear as linear
     import rectonnx.rules.pool as pool
 
-    saved = (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-             methods._pooled_threshold, pool._unpool_pads)
+    saved = (gates.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
+             gates._pooled_threshold, pool._unpool_pads)
     try:
         if "threshold" in features:
-            methods.percentile_threshold = legacy_threshold
+            gates.percentile_threshold = legacy_threshold
         if "gate" in features:
             methods.rectified_gate = legacy_gate
         if "conv" in features:
             linear.flipped_kernel_plan = lambda *args: None
         if "pooled" in features:
-            methods._pooled_threshold = lambda *args: None
+            gates._pooled_threshold = lambda *args: None
         if "unpool" in features:
             pool._unpool_pads = lambda *args: None
         yield
     finally:
-        (methods.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
-         methods._pooled_threshold, pool._unpool_pads) = saved
+        (gates.percentile_threshold, methods.rectified_gate, linear.flipped_kernel_plan,
+         gates._pooled_threshold, pool._unpool_pads) = saved
 
 
 ABLATIONS = [
@@ -256,7 +258,7 @@ def bench_ablation(name: str, model, shape, batch: int, rounds: int, warmup: int
     contenders, graphs = {"onnxruntime inference": lambda: forward.run(None, {input_name: x})}, {}
     for label, features in ABLATIONS:
         with switched_off(*features):
-            made = explainer(model, "rectgrad", q=Q)
+            made = explainer(model, "rectgrad", q=Q, padding_trick=False)
         graphs[label] = made.graph
         contenders[label] = lambda made=made: made.explain(x, target)
     reference_map = contenders["all optimisations"]().attribution

@@ -2,9 +2,9 @@
 
 ``TorchRectGrad`` swaps every ``nn.ReLU`` of a module for a ReLU whose backward is the paper's
 rule ``R_z = I(y R > tau) R`` with ``tau`` the per-sample q-th percentile of ``y R`` (torch.topk
-per sample, over all non-batch elements; k as in SPEC.md), then returns ``relu(x dS/dx)``. This
-is how one writes RectGrad in PyTorch by hand; it is the speed baseline, and it agrees with
-rectonnx's graph (checked in tests/test_speed_options.py).
+per sample, over all non-batch elements; k as in docs/maths.md, 'The percentile threshold'), then
+returns ``relu(x dS/dx)``. This is how one writes RectGrad in PyTorch by hand; it is the speed
+baseline, and it agrees with rectonnx's graph (checked in tests/test_speed_options.py).
 """
 
 from __future__ import annotations

@@ -58,8 +58,9 @@ from rectonnx.runtime import Explainer, cuda_usable  # noqa: E402
 Q = 98.0
 METHODS = [("saliency", "saliency", {}),
            ("guided_backprop", "guided_backprop", {}),
-           ("rectgrad", "rectgrad", {"q": Q}),
-           ("rectgrad (bisect)", "rectgrad", {"q": Q, "threshold": "bisect"})]
+           ("rectgrad", "rectgrad", {"q": Q, "padding_trick": False}),
+           ("rectgrad (bisect)", "rectgrad", {"q": Q, "threshold": "bisect",
+                                              "padding_trick": False})]
 SHAPE_ELEMENTS = 16  # at most this many integer/bool elements: shape arithmetic
 PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "cpu": ["CPUExecutionProvider"]}

@@ -1,8 +1,8 @@
 """The benchmark's models as plain torch modules (random weights) and their ONNX exports.
 
-* ``PaperCNN``: the paper's CIFAR CNN (SPEC.md sec. 4): Conv3x3-32, Conv3x3-32, MaxPool2,
-  Conv3x3-64, Conv3x3-64, MaxPool2, Dense-256, Dense-10, ReLU after every conv and the first
-  dense layer, SAME padding, 32x32x3 input.
+* ``PaperCNN``: the paper's CIFAR CNN (docs/maths.md, "The paper's network and evaluation
+  metrics"): Conv3x3-32, Conv3x3-32, MaxPool2, Conv3x3-64, Conv3x3-64, MaxPool2, Dense-256,
+  Dense-10, ReLU after every conv and the first dense layer, SAME padding, 32x32x3 input.
 * ``ResNet50``: ResNet-50 v1.5 (bottleneck blocks [3, 4, 6, 3], stride in the 3x3 conv) written
   in plain torch (torchvision does not import here), He-initialised, BatchNorm statistics
   calibrated on random data so activations keep a sane scale. Every ReLU is its own module

@@ -1,6 +1,7 @@
 """Train the RectGrad paper's CIFAR CNN and export it to ``models/paper_cnn_digits.onnx``.
 
-The network is the one of the paper's evaluation (SPEC section 4), layer for layer:
+The network is the one of the paper's evaluation (docs/maths.md, "The paper's network and
+evaluation metrics"), layer for layer:
 Conv3x3-32, ReLU, Conv3x3-32, ReLU, MaxPool2, Conv3x3-64, ReLU, Conv3x3-64, ReLU, MaxPool2,
 Flatten, Dense-256, ReLU, Dense-10 (all convolutions padded by 1), trained with Adam on images
 scaled to [-1, 1]. CIFAR-10 cannot be downloaded here, so by default it trains on the

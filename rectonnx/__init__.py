@@ -3,19 +3,24 @@ Rectified Gradient (or plain gradient-method) attribution map, computed by an ex
 subgraph in standard ONNX operators.
 
     >>> import rectonnx
-    >>> explainer_graph = rectonnx.rewrite("model.onnx", method="rectgrad", q=98.0)
-    >>> explainer = rectonnx.Explainer("model.onnx", method="rectgrad")
+    >>> spec = rectonnx.ExplanationSpec("rectgrad", q=98.0)     # padding trick on by default
+    >>> explainer_graph = rectonnx.rewrite("model.onnx", spec)
+    >>> explainer = rectonnx.Explainer("model.onnx", spec)
     >>> result = explainer.explain(batch)          # result.attribution, result.logits
 """
 
+__version__ = "0.1.0"  # before the imports: artifact.py stamps it into every graph
+
 from .errors import InputError, InvalidModelError, RectonnxError, UnsupportedModelError
-from .methods import METHOD_NAMES, Method, get_method
-from .rewrite import rewrite
+from .gates import Method
+from .methods import METHOD_NAMES, METHODS
+from .options import OptionError
+from .rewrite import VanishingMapWarning, rewrite
+from .spec import ExplanationSpec, get_method
 
-__version__ = "0.1.0"
-
-__all__ = ["rewrite", "Explainer", "Explanation", "METHOD_NAMES", "Method", "get_method",
-           "RectonnxError", "InvalidModelError", "UnsupportedModelError", "InputError"]
+__all__ = ["rewrite", "Explainer", "Explanation", "ExplanationSpec", "METHOD_NAMES", "METHODS",
+           "Method", "get_method", "RectonnxError", "InvalidModelError", "UnsupportedModelError",
+           "InputError", "OptionError", "VanishingMapWarning"]
 
 
 def __getattr__(name):  # the runtime (onnxruntime) is imported only when asked for

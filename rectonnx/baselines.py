@@ -66,8 +66,8 @@ import numpy as np
 
 from .builder import GraphBuilder
 from .errors import UnsupportedModelError
-from .methods import Method, exact_gradient, gradient_only, times_input
-from .rules.base import RULES, Activation, RuleContext
+from .gates import Method, exact_gradient, gradient_only, times_input
+from .rules.base import Activation, Rule, RuleContext
 from .threshold import DEFAULT_ALGORITHM, percentile_threshold
 
 INTEGRATION_RULES = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid",
@@ -262,8 +262,8 @@ def lrp_gate(ctx: RuleContext, act: Activation) -> str:
     return rescaled(g, g.Mul(act.upstream, act.y, hint="relevance"), act.z, act.exact)
 
 
-def epsilon_rule(op_type: str, epsilon: float):
-    """The ``op_type`` rule with ``G_z <- G_z z / (z + epsilon sgn z)`` at its output ``z``."""
+def epsilon_rule(inner: Rule, epsilon: float) -> Rule:
+    """The rule ``inner`` with ``G_z <- G_z z / (z + epsilon sgn z)`` at its output ``z``."""
     def rule(ctx: RuleContext, node, grads, **attributes):
         g = ctx.g
         if grads[0] is not None:
@@ -271,7 +271,7 @@ def epsilon_rule(op_type: str, epsilon: float):
             sign = g.Where(g.Less(z, g.scalar(0.0)), g.scalar(-1.0), g.scalar(1.0), hint="sign")
             ratio = g.Div(z, g.Add(z, g.Mul(sign, g.scalar(epsilon))), hint="epsilon_ratio")
             grads = [g.Mul(grads[0], ratio, hint="epsilon_rule")] + list(grads[1:])
-        return RULES[op_type](ctx, node, grads, **attributes)
+        return inner(ctx, node, grads, **attributes)
     return rule
 
 
@@ -347,20 +347,5 @@ def epsilon_lrp(epsilon: float = 1e-4) -> Method:
         raise ValueError(f"epsilon_lrp needs epsilon > 0, got {epsilon}")
     return Method("epsilon_lrp", lrp_gate, times_input, f"epsilon-LRP, epsilon = {epsilon}",
                   {"epsilon": epsilon},
-                  rules={op: epsilon_rule(op, epsilon) for op in LRP_LAYERS})
+                  wraps={op: lambda inner: epsilon_rule(inner, epsilon) for op in LRP_LAYERS})
 
-
-CONSTRUCTORS = {"smoothgrad": smoothgrad, "integrated_gradients": integrated_gradients,
-                "deeplift": deeplift, "epsilon_lrp": epsilon_lrp}
-OPTIONS = {"smoothgrad": ("samples", "sigma", "seed"),
-           "integrated_gradients": ("steps", "baseline", "integration"),
-           "deeplift": ("baseline",), "epsilon_lrp": ("epsilon",)}
-
-
-def baseline_method(name: str, **options) -> Method:
-    """The baseline ``name`` with its options (module docstring); unknown options are an error."""
-    unknown = sorted(set(options) - set(OPTIONS[name]))
-    if unknown:
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: "
-                         f"{', '.join(OPTIONS[name])}")
-    return CONSTRUCTORS[name](**options)

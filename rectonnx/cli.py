@@ -6,20 +6,53 @@ in one line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
 from .errors import RectonnxError
-from .methods import METHOD_NAMES
-from .rewrite import RUNTIMES
-from .threshold import ALGORITHMS
+from .methods import METHOD_NAMES, METHODS, all_options, methods_taking
+from .options import Option
 
 METHOD_CHOICE = click.Choice(METHOD_NAMES)
+
+
+def _user_errors() -> tuple[type, ...]:
+    """What a user can cause: rectonnx's errors, bad values and files (ValueError, OSError;
+    JSON decoding errors, PIL's UnidentifiedImageError and NumPy's LinAlgError are among them),
+    memory exhausted, Pillow's decompression bomb, and onnxruntime's own errors."""
+    errors: tuple[type, ...] = (RectonnxError, ValueError, OSError, MemoryError)
+    if "PIL.Image" in sys.modules:
+        errors += (sys.modules["PIL.Image"].DecompressionBombError,)
+    if "onnxruntime" in sys.modules:  # imported: its errors may come up
+        from .runtime import onnxruntime_errors
+        errors += onnxruntime_errors()
+    return errors
+
+
+def error_line(exc: BaseException, model=None) -> str:
+    """The one line shown for ``exc``; errors of onnxruntime name the ``model`` they ran."""
+    from .errors import ExecutionError
+
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return (f"out of memory ({message}); use a smaller --batch-size or a --memory-budget, "
+                "or a machine with more memory")
+    if type(exc).__module__.startswith("onnxruntime"):
+        from .runtime import onnxruntime_reason
+
+        message = f"onnxruntime failed: {onnxruntime_reason(exc)}"
+    if model is not None and (isinstance(exc, ExecutionError) or message.startswith(
+            "onnxruntime failed")) and str(model) not in message:
+        message = f"{model}: {message}"
+    return message
 
 
 def friendly_errors(function):
@@ -28,32 +61,86 @@ def friendly_errors(function):
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (RectonnxError, ValueError, OSError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {message}", err=True)
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
+            click.echo(f"error: {error_line(exc, kwargs.get('model'))}", err=True)
             sys.exit(2)
     return wrapper
 
 
-def method_options(function):
-    """--method/--q/--tau/--padding-trick/--prr, shared by rewrite and explain."""
-    options = [
-        click.option("--method", "-m", type=METHOD_CHOICE, default="rectgrad", show_default=True,
-                     help="Attribution method."),
-        click.option("--q", type=click.FloatRange(0, 100), default=98.0, show_default=True,
-                     help="RectGrad: per-layer percentile of importance scores."),
-        click.option("--tau", type=float, default=None,
-                     help="RectGrad: constant threshold instead of the percentile."),
-        click.option("--padding-trick", is_flag=True,
-                     help="Zero gradients whose receptive field covers conv padding."),
-        click.option("--prr", is_flag=True,
-                     help="Max-pool backward by proportional redistribution."),
-        click.option("--input-name", default=None, help="The image input, for multi-input models."),
-        click.option("--output-name", default=None, help="The score output, for multi-output models."),
+@contextlib.contextmanager
+def echoed_warnings():
+    """Show rectonnx's warnings (e.g. a RectGrad layer too small for q) as ``warning:`` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, UserWarning) and \
+                        warning.category.__module__.startswith("rectonnx"):
+                    click.echo(f"warning: {warning.message}", err=True)
+
+
+def _default_text(option: Option) -> str:
+    defaults = {entry.default(option) for entry in METHODS.values()
+                if option in entry.all_options()}
+    if option.name == "padding_trick":
+        return "exact for rectgrad, off otherwise"
+    value = next(iter(defaults)) if len(defaults) == 1 else option.default
+    return "none" if value is None else str(value)
+
+
+def _click_option(option: Option):
+    """The click option of a declared option; unset (None) means the method's default."""
+    takers = methods_taking(option.name)
+    where = "" if len(takers) == len(METHOD_NAMES) else f" [{', '.join(takers)}]"
+    help_text = f"{option.help}{where} [default: {_default_text(option)}]"
+    if option.kind == "bool":
+        flag = option.flag[2:]
+        return click.option(f"--{flag}/--no-{flag}", option.name, default=None, help=help_text)
+    if option.kind == "padding":
+        return click.option(option.flag, option.name, type=click.Choice(["exact", "border", "off"]),
+                            is_flag=False, flag_value="exact", default=None,
+                            help=help_text + " (the flag alone: exact)")
+    if option.kind == "choice":
+        return click.option(option.flag, option.name, type=click.Choice(option.choices),
+                            default=None, help=help_text)
+    kind = int if option.kind == "int" else float
+    return click.option(option.flag, option.name, type=kind, default=None, help=help_text)
+
+
+SPEC_OPTION_NAMES = tuple(all_options())
+
+
+def spec_options(function):
+    """--method, one flag per declared option (methods.py) and --input-name/--output-name:
+    the options of every command that builds an explainer."""
+    options = [click.option("--method", "-m", type=METHOD_CHOICE, default=None,
+                            help="Attribution method [default: rectgrad; for an explainer "
+                                 "graph: the one it was made with].")]
+    options += [_click_option(option) for option in all_options().values()]
+    options += [
+        click.option("--input-name", default=None,
+                     help="The image input, for models with several inputs."),
+        click.option("--output-name", default=None,
+                     help="The score output, for models with several outputs."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def split_spec(kwargs: dict) -> tuple[str | None, dict]:
+    """Take the method and the options set on the command line out of ``kwargs``."""
+    method = kwargs.pop("method", None)
+    given = {}
+    for name in SPEC_OPTION_NAMES:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            given[name] = value
+    return method, given
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,30 +153,22 @@ def main():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the explainer graph (.onnx).")
-@method_options
-@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
-              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
-                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
-@click.option("--q-input", is_flag=True,
-              help="RectGrad: make q an optional graph input (float64 [1] or [N]; default --q).")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="any",
-              show_default=True, help="any: ops every tested runtime runs; onnxruntime-cpu: "
-                                      "also MaxUnpool (faster there, absent from OpenVINO).")
+@spec_options
 @friendly_errors
-def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, output_name,
-            threshold, q_input, runtime):
+def rewrite(model, output, input_name, output_name, **kwargs):
     """Write the explainer graph of MODEL (inputs: image, target; outputs: logits, attribution)."""
-    import onnx
-
+    from .fileio import save_model_atomic
     from .rewrite import rewrite as rewrite_model
+    from .spec import resolve
 
+    method, given = split_spec(kwargs)
     started = time.perf_counter()
-    graph = rewrite_model(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                          input_name=input_name, output_name=output_name, threshold=threshold,
-                          q_input=q_input, runtime=runtime)
+    spec = resolve(method, **given)
+    with echoed_warnings():
+        graph = rewrite_model(model, spec, input_name=input_name, output_name=output_name)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(graph, output)
-    click.echo(f"wrote {output}: {method}, {len(graph.graph.node)} nodes, "
+    save_model_atomic(graph, output)
+    click.echo(f"wrote {output}: {spec.describe()}, {len(graph.graph.node)} nodes, "
                f"{time.perf_counter() - started:.2f} s")
 
 
@@ -99,10 +178,15 @@ def rewrite(model, output, method, q, tau, padding_trick, prr, input_name, outpu
 @click.option("--output-name", default=None)
 @friendly_errors
 def info(model, input_name, output_name):
-    """Inputs, outputs, operators of MODEL, and which ops rectonnx can differentiate."""
-    from .info import coverage_report
+    """Inputs, outputs, operators of MODEL, and which ops rectonnx can differentiate.
 
-    click.echo(coverage_report(model, input_name=input_name, output_name=output_name))
+    When MODEL cannot be rewritten, an error line says why (exit status 2)."""
+    from .info import coverage
+
+    report, problem = coverage(model, input_name=input_name, output_name=output_name)
+    click.echo(report)
+    if problem:
+        raise RectonnxError(f"{model} cannot be rewritten: {problem}")
 
 
 @main.command()
@@ -111,10 +195,7 @@ def info(model, input_name, output_name):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory (attributions, heatmaps, manifest.jsonl); re-running the "
                    "same command resumes where it stopped.")
-@method_options
-@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
-              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
-                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
+@spec_options
 @click.option("--target", type=int, default=-1, show_default=True,
               help="Class to explain; negative = the predicted class.")
 @click.option("--size", type=int, default=None, help="Input size (default: the model's).")
@@ -135,6 +216,10 @@ def info(model, input_name, output_name):
               show_default=True, help="auto: CUDA when onnxruntime can use it, else CPU.")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Image decoding threads (default: CPU count, at most 8).")
+@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+              help="Refuse (skip, list in failures.jsonl) images with more pixels; large JPEGs "
+                   "are first decoded smaller where --size allows. Decoding threads share a "
+                   "memory budget of about two such images.")
 @click.option("--png/--no-png", default=True, show_default=True, help="Write heatmap PNGs.")
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write the heatmap over the image.")
@@ -148,31 +233,31 @@ def info(model, input_name, output_name):
               help="Ray: GPUs per actor (e.g. 1, or 0.5 to share one).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
-def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_name, output_name,
-            threshold, target, size, resize, mean, std, preset, fmt, shard_size, batch_size,
-            memory_budget, device, workers, png, overlay, use_ray, ray_address, actors,
-            gpus_per_actor, progress):
+def explain(model, images, out_dir, input_name, output_name, target, size, resize, mean, std,
+            preset, fmt, shard_size, batch_size, memory_budget, device, workers, max_pixels, png,
+            overlay, use_ray, ray_address, actors, gpus_per_actor, progress, **kwargs):
     """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL."""
     from .batch import explain_images, preprocess_for
 
-    preprocess = preprocess_for(model, size=size, resize=resize, mean=mean, std=std,
-                                preset=preset)
-    options = dict(preprocess=preprocess, method=method, q=q, tau=tau,
-                   padding_trick=padding_trick, prr=prr, input_name=input_name,
-                   output_name=output_name, threshold=threshold, target=target,
-                   batch_size=batch_size,
+    method, given = split_spec(kwargs)
+    with echoed_warnings():
+        preprocess = preprocess_for(model, size=size, resize=resize, mean=mean, std=std,
+                                    preset=preset)
+    options = dict(preprocess=preprocess, method=method, input_name=input_name,
+                   output_name=output_name, target=target, batch_size=batch_size,
                    memory_budget=memory_budget, fmt=fmt, shard_size=shard_size, write_png=png,
-                   write_overlay=overlay, progress=progress)
+                   write_overlay=overlay, progress=progress, **given)
     try:
-        if use_ray:
-            from .distributed import explain_images_ray
+        with echoed_warnings():
+            if use_ray:
+                from .distributed import explain_images_ray
 
-            summary = explain_images_ray(model, images, out_dir, address=ray_address,
-                                         actors=actors, gpus_per_actor=gpus_per_actor,
-                                         **options)
-        else:
-            summary = explain_images(model, images, out_dir, device=device, workers=workers,
-                                     **options)
+                summary = explain_images_ray(model, images, out_dir, address=ray_address,
+                                             actors=actors, gpus_per_actor=gpus_per_actor,
+                                             **options)
+            else:
+                summary = explain_images(model, images, out_dir, device=device,
+                                         workers=workers, max_pixels=max_pixels, **options)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished images are listed in {out_dir}/manifest.jsonl; "
                    "run the same command again to resume", err=True)
@@ -189,10 +274,7 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
 @click.option("--name", default=None, help="Model name in the repository (default: the "
                                            "file's stem and the method, e.g. resnet_rectgrad).")
 @click.option("--version", type=click.IntRange(1), default=1, show_default=True)
-@method_options
-@click.option("--threshold", type=click.Choice(ALGORITHMS), default="topk",
-              show_default=True, help="RectGrad percentile algorithm (same result): topk is "
-                                      "fastest on CPU; bisect uses no TopK (TensorRT-safe).")
+@spec_options
 @click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True,
               help="Largest batch Triton forms (0: no batching, dims include the batch).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=1000, show_default=True,
@@ -201,21 +283,20 @@ def explain(model, images, out_dir, method, q, tau, padding_trick, prr, input_na
               default="auto", show_default=True, help="Where Triton runs the instances.")
 @click.option("--instances", "instance_count", type=click.IntRange(1), default=1,
               show_default=True, help="Model instances per device.")
-@click.option("--q-input", is_flag=True,
-              help="RectGrad: make q an optional per-request input (FP64; default --q).")
 @click.option("--force", is_flag=True, help="Replace an existing version directory.")
 @friendly_errors
-def export_triton(model, repo, name, version, method, q, tau, padding_trick, prr, input_name,
-                  output_name, threshold, max_batch_size, max_queue_delay_us, instance_kind,
-                  instance_count, q_input, force):
+def export_triton(model, repo, name, version, input_name, output_name, max_batch_size,
+                  max_queue_delay_us, instance_kind, instance_count, force, **kwargs):
     """Write MODEL's explainer graph as a Triton model repository entry (onnxruntime backend)."""
     from .serve import export_triton as export
 
-    written = export(model, repo, name=name, version=version, method=method, q=q, tau=tau,
-                     padding_trick=padding_trick, prr=prr, input_name=input_name,
-                     output_name=output_name, threshold=threshold, max_batch_size=max_batch_size,
-                     max_queue_delay_us=max_queue_delay_us, instance_kind=instance_kind,
-                     instance_count=instance_count, q_input=q_input, overwrite=force)
+    method, given = split_spec(kwargs)
+    with echoed_warnings():
+        written = export(model, repo, method, name=name, version=version,
+                         input_name=input_name, output_name=output_name,
+                         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                         instance_kind=instance_kind, instance_count=instance_count,
+                         overwrite=force, **given)
     click.echo(f"wrote {written.model_file} and {written.config_file}")
     click.echo(written.summary())
 

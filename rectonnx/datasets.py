@@ -1,4 +1,5 @@
-"""Small image-classification data sets for evaluating explainers (SPEC section 4).
+"""Small image-classification data sets for evaluating explainers (docs/maths.md, "The
+paper's network and evaluation metrics").
 
 Two sources, both returned as a :class:`LabelledImages` value in the layout the paper's CIFAR
 network takes: ``images`` float32 ``[N, 3, H, W]`` (RGB, ``uint8 / 127.5 - 1``, i.e. scaled to

@@ -56,11 +56,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def _explainer_graph(model, method: str, options: dict) -> bytes:
-    """The explainer graph as bytes (actors on other nodes need no file; no rewrite there)."""
+def _explainer_graph(model, method, options: dict, *, input_name=None,
+                     output_name=None) -> bytes:
+    """The explainer graph as bytes (actors on other nodes need no file; no rewrite there):
+    ``model`` rewritten with ``method`` and ``options`` (a spec works too), or ``model`` itself
+    when it is an explainer graph whose recorded spec agrees with them."""
+    from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
     from .rewrite import rewrite
+    from .spec import resolve
 
-    return rewrite(model, method, **options).SerializeToString()
+    made = explainer_graph_in(model)
+    if made is not None:
+        check_agrees(read_stamp(made), method, options, describe_source(model))
+        return made.SerializeToString()
+    return rewrite(model, resolve(method, **options), input_name=input_name,
+                   output_name=output_name).SerializeToString()
 
 
 def _load(graph: bytes):
@@ -109,19 +119,16 @@ class ExplainerActor:
                 "target": result.target}
 
 
-def explain_dataset(ds, model, method: str = "rectgrad", *, column: str = "image",
-                    q: float = 98.0, tau: float | None = None, padding_trick: bool = False,
-                    prr: bool = False, input_name: str | None = None,
-                    output_name: str | None = None, threshold: str = "topk",
-                    batch_size: int = 16,
-                    actors: int | None = None, cpus_per_actor: float = 1,
-                    gpus_per_actor: float = 0):
+def explain_dataset(ds, model, method=None, *, column: str = "image",
+                    input_name: str | None = None, output_name: str | None = None,
+                    batch_size: int = 16, actors: int | None = None, cpus_per_actor: float = 1,
+                    gpus_per_actor: float = 0, **options):
     """``ds.map_batches`` with an actor pool of explainers; a ``target`` column is used if
-    present (negative = predicted class). Lazy, like every Ray Dataset transform."""
+    present (negative = predicted class). ``method`` and ``options`` as for
+    ``rectonnx.rewrite``. Lazy, like every Ray Dataset transform."""
     ray = _ray()
-    graph = _explainer_graph(model, method, dict(q=q, tau=tau, padding_trick=padding_trick,
-                                                 prr=prr, input_name=input_name,
-                                                 output_name=output_name, threshold=threshold))
+    graph = _explainer_graph(model, method, options, input_name=input_name,
+                             output_name=output_name)
     return ds.map_batches(
         ExplainerActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs=dict(graph=graph, column=column,
@@ -161,22 +168,21 @@ class FileJobActor:
         failed = [json.dumps({"input": item.key, "error": r})
                   for item, r in zip(items, loaded) if isinstance(r, str)]
         records = []
-        for item, display, attribution, logits, chosen in _explain_groups(
+        for item, display, attribution, logits, chosen, layers in _explain_groups(
                 self.explainer, good, self.target):
-            records += self.writer.add(item, attribution, logits, chosen, display)
+            records += self.writer.add(item, attribution, logits, chosen, display, layers)
         records += self.writer.flush()
         rows = [json.dumps(r) for r in records]
         return {"record": np.array(rows + [""] * len(failed), dtype=object),
                 "failure": np.array([""] * len(rows) + failed, dtype=object)}
 
 
-def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, method="rectgrad",
-                       q=98.0, tau=None, padding_trick=False, prr=False, input_name=None,
-                       output_name=None, threshold="topk", target=-1, batch_size=16,
+def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, method=None,
+                       input_name=None, output_name=None, target=-1, batch_size=16,
                        memory_budget=None,
                        fmt="npy", shard_size=None, write_png=True, write_overlay=True,
                        address=None, actors=None, cpus_per_actor=1, gpus_per_actor=0,
-                       progress=True) -> Summary:
+                       progress=True, **options) -> Summary:
     """:func:`rectonnx.batch.explain_images` on Ray (same outputs, manifest and resume).
 
     ``shard_size`` is ignored: with ``fmt="shards"`` each Ray batch (``batch_size`` images)
@@ -190,18 +196,17 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     ray = _ray()
     paths = iter_image_paths(sources)
-    graph = _explainer_graph(model, method, dict(q=q, tau=tau, padding_trick=padding_trick,
-                                                 prr=prr, input_name=input_name,
-                                                 output_name=output_name, threshold=threshold))
+    graph = _explainer_graph(model, method, options, input_name=input_name,
+                             output_name=output_name)
     budget = parse_bytes(memory_budget)
     runtime = dict(batch_size=batch_size, memory_budget_mb=budget / 2**20 if budget else None)
     probe = Explainer.from_graph(_load(graph), providers=["CPUExecutionProvider"], **runtime)
     probe.check_target(target, 1)  # clear errors here, before any actor starts
     batch_size = min(batch_size, probe.batch_size)  # fitted to the memory budget
     preprocess = fit_preprocess_to_model(preprocess, probe.input_shape)
+    spec, method = probe.spec, probe.method
     del probe
-    settings = job_settings(model, method=method, q=q, tau=tau, padding_trick=padding_trick,
-                            prr=prr, input_name=input_name, output_name=output_name,
+    settings = job_settings(model, spec=spec, input_name=input_name, output_name=output_name,
                             target=target, preprocess=preprocess, fmt=fmt)
     summary = Summary(Path(out_dir), device="Ray")
     started = time.perf_counter()

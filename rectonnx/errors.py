@@ -24,3 +24,7 @@ class UnsupportedModelError(RectonnxError, ValueError):
 
 class InputError(RectonnxError, ValueError):
     """A batch or target given to an explainer does not fit the model (shape, dtype, class range)."""
+
+
+class ExecutionError(RectonnxError, RuntimeError):
+    """onnxruntime could not load or run a graph; the message says where and what to try."""

@@ -15,6 +15,9 @@ input positions ``o s - b + j d`` for ``j = 0..k-1``; the output length is
   faster than ConvTranspose.
 * ``padding_trick_mask``: 1 where an output position reads only real input, 0 where its
   receptive field covers padding (the paper's App. C.1, exact for every kernel and stride).
+* ``border_mask``: the authors' padding trick (``padding_trick="border"``): 0 on a one-position
+  border of the output, 1 inside, for a convolution whose output has TensorFlow's SAME size
+  ``ceil(n / s)`` on every axis, whatever its kernel; None for any other convolution.
 * ``valid_counts``: how many real (non-padding) input positions each output window covers.
 * ``unbroadcast_axes``: the axes over which a broadcast operand's gradient must be summed.
 """
@@ -135,6 +138,31 @@ def padding_trick_mask(in_sizes: Sequence[int], out_sizes: Sequence[int], kernel
     for i in range(rank):
         inside = receptive_field_inside(in_sizes[i], out_sizes[i], kernel[i], strides[i],
                                         dilations[i], pads[i])
+        mask = np.multiply.outer(mask, inside)
+    return mask.astype(np.float32)[None, None]
+
+
+def is_same_shaped(in_sizes: Sequence[int], out_sizes: Sequence[int],
+                   strides: Sequence[int]) -> bool:
+    """Whether every output length is ``ceil(n / s)``: TensorFlow's SAME output size."""
+    return all(o == -(-n // s) for n, o, s in zip(in_sizes, out_sizes, strides))
+
+
+def border_mask(in_sizes: Sequence[int], out_sizes: Sequence[int],
+                strides: Sequence[int]) -> np.ndarray | None:
+    """Float32 ``[1, 1, *out_sizes]``: 0 on the first and last position of every spatial axis,
+    1 elsewhere, when the output has TensorFlow's SAME size (``is_same_shaped``); else None.
+
+    This is the mask of the RectGrad authors' ``conv2d_grad_override``, which masks a
+    one-pixel border of the output gradient of every SAME convolution, 1x1 and strided ones
+    included; ``padding_trick_mask`` equals it for 3x3 kernels with stride 1 and pads 1.
+    """
+    if not is_same_shaped(in_sizes, out_sizes, strides):
+        return None
+    mask = np.ones((), dtype=bool)
+    for length in out_sizes:
+        inside = np.ones(length, dtype=bool)
+        inside[[0, -1]] = False
         mask = np.multiply.outer(mask, inside)
     return mask.astype(np.float32)[None, None]
 

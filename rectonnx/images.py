@@ -24,13 +24,27 @@ by PIL as 8-bit RGB (a PIL limitation), so they lose their low byte.
 Colour conversions: a grayscale image fed to a 3-channel model is repeated on all channels; a
 colour image fed to a 1-channel model is converted with the ITU-R 601 luma weights
 (0.299, 0.587, 0.114), the ones PIL's ``convert("L")`` uses, in float.
+
+Hostile files: only regular files are read; a FIFO, socket or device is refused
+(:class:`ImageLoadError`) without being opened for reading, so it never blocks. An image of more
+than ``max_pixels`` pixels (:data:`DEFAULT_MAX_PIXELS`, 100 megapixels; ``--max-pixels`` on the
+command line) is refused before it is decoded, unless it is a JPEG that can be decoded at 1/2,
+1/4 or 1/8 scale (PIL's ``draft``) to within the limit while still covering the target size.
+Images within the limit are decoded at full size, so their tensors stay exact. Pillow's own
+decompression-bomb guard stays on. A :class:`DecodeBudget` shared by decoding threads bounds the
+estimated bytes (:func:`decode_bytes`) being decoded at once. ``Preprocess`` sizes are at most
+:data:`MAX_SIDE` pixels a side. Directory walks and globs visit each real directory once
+(symlink loops end), and ``exclude`` keeps an output folder out of the inputs.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob as _glob
+import fnmatch
 import math
 import os
+import stat
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,14 +52,18 @@ from typing import Any, Iterable
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DecodeBudget",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
+    "MAX_SIDE",
     "Preprocess",
     "iter_image_paths",
     "load_batch",
     "load_image",
     "preprocess_image",
     "to_display",
+    "decode_bytes",  # estimates for DecodeBudget
 ]
 
 #: File extensions picked up when scanning directories and glob patterns (case-insensitive).
@@ -54,6 +72,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R 601, as PIL's convert("L")
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 _DTYPES = ("float32", "float16", "float64")
+
+#: Largest ``Preprocess.size`` / ``resize`` side: larger is a typo or a hostile sidecar (a
+#: 60000 px target needs tens of GB per image).
+MAX_SIDE = 8192
+#: Default pixel limit of a decoded image (``load_image(max_pixels=...)``, ``--max-pixels``).
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageLoadError(ValueError):
@@ -103,8 +127,13 @@ class Preprocess:
             if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
                 raise ValueError(f"Preprocess.size must be a positive int or (H, W), got {self.size!r}")
             set_("size", (int(size[0]), int(size[1])))
+            if max(self.size) > MAX_SIDE:
+                raise ValueError(f"Preprocess.size must be at most {MAX_SIDE} pixels a side, got "
+                                 f"{self.size[0]} x {self.size[1]}")
         if self.resize is not None and not (isinstance(self.resize, (int, np.integer)) and self.resize > 0):
             raise ValueError(f"Preprocess.resize must be a positive int or None, got {self.resize!r}")
+        if self.resize is not None and self.resize > MAX_SIDE:
+            raise ValueError(f"Preprocess.resize must be at most {MAX_SIDE} pixels, got {self.resize}")
         if self.channels not in (1, 3):
             raise ValueError(f"Preprocess.channels must be 1 or 3, got {self.channels!r}")
         for name in ("mean", "std"):
@@ -181,34 +210,160 @@ def _one_line(s: str) -> str:
     return " ".join(str(s).split())
 
 
-def _open(path: str | os.PathLike) -> tuple[Any, int | None]:
-    """Open, fully decode and EXIF-orient ``path``: (PIL image, TIFF bits per sample or None).
+_SPECIAL_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                  (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
 
-    Every failure becomes ImageLoadError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+def _not_regular(path: Path, mode: int) -> ImageLoadError:
+    if stat.S_ISDIR(mode):
+        return ImageLoadError(f"{path}: is a directory, not an image")
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    return ImageLoadError(f"{path}: is {kind}, not a regular file; only regular files are read")
+
+
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for binary reading; anything but a regular file is refused without being
+    read (a FIFO would block forever, a device never end). Checked by ``stat`` before opening
+    (a socket cannot be opened) and by ``fstat`` on the descriptor, opened non-blocking, after
+    (no race with a rename in between)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            try:
-                out = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF must not make a readable image unreadable
-                out = im.copy()
-            if out is im:
-                out = im.copy()
-            return out, _bits_from_tags(im)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"{path}: is a directory, not an image") from None
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def _reading(path: Path):
+    """Every failure of PIL on ``path`` becomes a one-line ImageLoadError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file (PIL cannot identify it)") from None
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{path}: refused, too many pixels ({_one_line(e)})") from None
+        raise ImageLoadError(f"{path}: refused, too many pixels ({_one_line(e)}; Pillow's "
+                             "decompression-bomb guard, PIL.Image.MAX_IMAGE_PIXELS)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         reason = _one_line(e) or type(e).__name__
         raise ImageLoadError(f"{path}: cannot read image ({reason})") from e
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels"
+
+
+def _limit_pixels(im: Any, path: Path, p: Preprocess | None, max_pixels: int | None) -> None:
+    """Refuse an (opened, not yet decoded) image over ``max_pixels``, unless it is a JPEG that
+    PIL can decode at 1/2, 1/4 or 1/8 scale to within the limit and still cover the size that
+    ``p`` resizes to (``draft``, set here)."""
+    if max_pixels is None:
+        return
+    w, h = im.size
+    if w * h <= max_pixels:
+        return
+    if p is not None and getattr(im, "format", None) == "JPEG":
+        new, _ = _geometry(w, h, p)
+        if new is not None:
+            side = max(new)  # covers the target whatever the EXIF rotation
+            im.draft(None, (side, side))
+            if im.width * im.height <= max_pixels:
+                return
+    raise ImageLoadError(
+        f"{path}: refused: {w} x {h} = {_megapixels(w * h)}, more than the limit of "
+        f"{_megapixels(max_pixels)} ({max_pixels} pixels; raise it with --max-pixels, or "
+        "max_pixels= in Python)")
+
+
+def _allow_in_pillow(max_pixels: int | None) -> None:
+    """Pillow's decompression-bomb guard stays on; it is raised to ``max_pixels`` where that is
+    higher, so an image the policy allows is neither warned about nor refused by Pillow."""
+    from PIL import Image
+
+    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None \
+            and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def _decode(im: Any, path: Path) -> tuple[Any, int | None]:
+    """Fully decode and EXIF-orient an opened image: (PIL image, TIFF bits per sample or
+    None)."""
+    from PIL import ImageOps
+
+    with _reading(path):
+        im.load()  # decode now: truncated files fail here, not later
+        try:
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no second copy of the pixels
+        except Exception:  # broken EXIF must not make a readable image unreadable
+            pass
+        return im, _bits_from_tags(im)
+
+
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3,
+                    "LAB": 3, "HSV": 3}
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """Estimated peak bytes of decoding and preprocessing one ``width`` x ``height`` image of PIL
+    ``mode``: the decoded pixels, an EXIF rotation of them, and the float32 or RGBA working
+    copies (``2 * bytes per pixel + 12`` bytes a pixel)."""
+    bpp = 2 if mode.startswith("I;16") else _BYTES_PER_PIXEL.get(mode, 4)
+    return int(width) * int(height) * (2 * bpp + 12)
+
+
+class DecodeBudget:
+    """Bytes of image decoding in flight, shared by decoding threads. ``hold(n)`` waits until
+    ``n`` more bytes fit in ``limit``; one image larger than the whole budget runs alone. So
+    memory is bounded by the budget, not by the number of threads times the largest image."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._free = threading.Condition()
+
+    @classmethod
+    def for_pixels(cls, max_pixels: int | None = None) -> "DecodeBudget":
+        """Room for two of the largest images allowed (RGBA of ``max_pixels`` pixels)."""
+        side = max_pixels or DEFAULT_MAX_PIXELS
+        return cls(2 * decode_bytes(side, 1, "RGBA"))
+
+    @contextmanager
+    def hold(self, n: int):
+        n = max(0, int(n))
+        with self._free:
+            while self.used and self.used + n > self.limit:
+                self._free.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= n
+                self._free.notify_all()
 
 
 def _bits_from_tags(im: Any) -> int | None:
@@ -254,21 +409,31 @@ def _normalise_mode(im: Any, background: tuple[int, int, int] | None, where: str
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         a = np.asarray(im)
         if mode == "F":
-            a = a.astype(np.float32)
+            a = a.astype(np.float32, copy=False)
             if not np.all(np.isfinite(a)):
                 raise ImageLoadError(f"{where}: float image contains NaN or infinite values")
-        else:
-            a = a.astype(np.float64)
+        else:  # integers: min/max on the integers, then float64 only a slab at a time
             if a.size and a.min() < 0:
                 raise ImageLoadError(f"{where}: mode {mode} image has negative values; cannot map them to [0, 1]")
-            if not bits or bits > 32 or (a.size and a.max() > 2**bits - 1):
-                bits = 16 if (not a.size or a.max() <= 65535) else 32
-            a = np.clip(a / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
+            top = int(a.max()) if a.size else 0
+            if not bits or bits > 32 or top > 2**bits - 1:
+                bits = 16 if top <= 65535 else 32
+            a = _unit_float32(a, float(2**bits - 1))
         return Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
     try:  # CMYK, YCbCr, RGBX, LAB, HSV, ...
         return im.convert("RGB")
     except (ValueError, OSError) as e:
         raise ImageLoadError(f"{where}: unsupported image mode {mode!r} ({_one_line(e)})") from None
+
+
+def _unit_float32(a: np.ndarray, top: float) -> np.ndarray:
+    """``clip(a / top, 0, 1)`` as float32, computed in float64 (the same numbers as one float64
+    pass) but a slab of 256k pixels at a time: 4 bytes a pixel, not 3 x 8."""
+    out = np.empty(a.shape, np.float32)
+    rows = max(1, (1 << 18) // max(1, int(np.prod(a.shape[1:]))))
+    for i in range(0, a.shape[0], rows):
+        out[i:i + rows] = np.clip(a[i:i + rows] / top, 0.0, 1.0)
+    return out
 
 
 def _geometry(w: int, h: int, p: Preprocess) -> tuple[tuple[int, int] | None, tuple[int, int, int, int] | None]:
@@ -339,21 +504,38 @@ def _preprocess(image: Any, p: Preprocess, name: str, bits: int | None) -> tuple
     return np.ascontiguousarray(x, dtype=p.dtype), display
 
 
-def load_image(path: str | os.PathLike, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: str | os.PathLike, preprocess: Preprocess, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               budget: DecodeBudget | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one image file.
 
     Returns ``(array, display_rgb)``: ``array`` is CHW (layout NCHW) or HWC (NHWC) in
     ``preprocess.dtype``; ``display_rgb`` is uint8 ``H x W x 3``, the same resized crop before
     normalisation (for a 1-channel model the colour crop, not its luma). Raises
-    :class:`ImageLoadError` (a ``ValueError``) naming the file when it cannot be read.
+    :class:`ImageLoadError` (a ``ValueError``) naming the file when it cannot be read: not a
+    regular file, not an image, or more than ``max_pixels`` pixels (None: Pillow's guard only;
+    a large JPEG is first decoded smaller where the target size allows, see the module
+    docstring). ``budget``: a :class:`DecodeBudget` shared with other decoding threads; the
+    image's :func:`decode_bytes` are held in it while it is decoded and preprocessed.
     """
-    im, bits = _open(path)
-    try:
-        return _preprocess(im, preprocess, str(path), bits)
-    except ImageLoadError:
-        raise
-    except (OSError, ValueError, MemoryError) as e:
-        raise ImageLoadError(f"{path}: cannot preprocess image ({_one_line(e)})") from e
+    from PIL import Image
+
+    path = Path(path)
+    _allow_in_pillow(max_pixels)
+    with _open_regular(path) as handle:
+        with _reading(path):
+            im = Image.open(handle)
+        _limit_pixels(im, path, preprocess, max_pixels)
+        cost = decode_bytes(im.width, im.height, im.mode)
+        with budget.hold(cost) if budget is not None else nullcontext():
+            im, bits = _decode(im, path)
+            try:
+                return _preprocess(im, preprocess, str(path), bits)
+            except ImageLoadError:
+                raise
+            except (OSError, ValueError, MemoryError) as e:
+                reason = _one_line(e) or type(e).__name__
+                raise ImageLoadError(f"{path}: cannot preprocess image ({reason})") from e
 
 
 def load_batch(
@@ -425,12 +607,73 @@ def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-def _scan_dir(d: Path) -> list[Path]:
-    """Image files under ``d``, recursive, sorted; hidden files/folders (``.x``) skipped."""
-    out = []
-    for root, dirs, files in os.walk(d, followlinks=False):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out.extend(Path(root) / f for f in files if _is_image_name(Path(f)))
+class _Exclude:
+    """Paths that are never inputs (an output folder): by resolved path and, for directories,
+    by identity (``st_dev``, ``st_ino``), so no spelling or symlink gets around it."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike] = ()):
+        self.roots = [resolved(os.path.expanduser(os.fspath(p))) for p in paths]
+        self.dirs = set()
+        for root in self.roots:
+            try:
+                st = os.stat(root)
+            except OSError:
+                continue
+            self.dirs.add((st.st_dev, st.st_ino))
+
+    def covers(self, path: Path) -> bool:
+        """Whether the resolved ``path`` is an excluded path or inside one."""
+        return any(path == r or r in path.parents for r in self.roots)
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """``Path(path).resolve()``, or the absolute path where a symlink loop stops it."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _dir_key(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a directory (symlinks followed), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _scan_dir(d: Path, exclude: _Exclude | None = None,
+              seen: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Image files under ``d``, recursive, sorted; hidden files/folders (``.x``) skipped;
+    symlinked folders not followed (as ``os.walk``); each real directory read once (``seen``,
+    shared between scans of one source); excluded folders skipped. Non-regular files with image
+    names are listed: loading them fails with the reason."""
+    seen = set() if seen is None else seen
+    out: list[Path] = []
+    stack = [os.fspath(d)]
+    while stack:
+        current = stack.pop()
+        key = _dir_key(current)
+        if key is None or key in seen or (exclude is not None and key in exclude.dirs):
+            continue
+        seen.add(key)
+        try:
+            with os.scandir(current) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+                if is_dir and not entry.is_symlink():
+                    stack.append(entry.path)
+            except OSError:
+                continue
+            if not is_dir and _is_image_name(Path(entry.name)):
+                out.append(Path(entry.path))
     return sorted(out, key=lambda q: q.as_posix())
 
 
@@ -438,28 +681,92 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _expand(source: Path, origin: str, seen_lists: set[Path]) -> list[Path]:
+def _glob(pattern: str, exclude: _Exclude | None = None) -> list[Path]:
+    """What ``glob.glob(pattern, recursive=True)`` matches (``**``: zero or more folders,
+    symlinked folders followed, hidden names only for a pattern part starting with ``.``), but
+    each real directory is read at most once per pattern part, so a symlink loop (``a/up ->
+    ..``) ends and the work is linear in the number of directories; excluded folders skipped."""
+    parts = Path(pattern).parts
+    i = 0
+    while i < len(parts) and not _has_magic(parts[i]):
+        i += 1
+    base, rest = (Path(*parts[:i]) if i else Path()), parts[i:]
+    if not rest:
+        return [base] if os.path.lexists(base) else []
+    found: list[Path] = []
+    visited: set[tuple[int, int, int]] = set()
+    listings: dict[tuple[int, int], list[tuple[str, bool]]] = {}
+
+    def listing(d: Path, key: tuple[int, int]) -> list[tuple[str, bool]]:
+        if key not in listings:
+            try:
+                with os.scandir(d) as it:
+                    entries = []
+                    for e in it:
+                        try:
+                            entries.append((e.name, e.is_dir()))
+                        except OSError:
+                            entries.append((e.name, False))
+            except OSError:
+                entries = []
+            listings[key] = sorted(entries)
+        return listings[key]
+
+    def walk(d: Path, k: int) -> None:
+        key = _dir_key(d)
+        if key is None or (key + (k,)) in visited or (exclude is not None and key in exclude.dirs):
+            return
+        visited.add(key + (k,))
+        part, last = rest[k], k == len(rest) - 1
+        if part == "**":
+            if last:
+                found.append(d)
+            else:
+                walk(d, k + 1)  # zero folders
+            for name, is_dir in listing(d, key):
+                if is_dir and not name.startswith("."):
+                    walk(d / name, k)
+            return
+        if _has_magic(part):
+            names = [n for n, _ in listing(d, key) if not n.startswith(".") or part.startswith(".")]
+            names = fnmatch.filter(names, part)
+        else:
+            names = [part]
+        for name in names:
+            child = d / name
+            if last:
+                if os.path.lexists(child):
+                    found.append(child)
+            else:
+                walk(child, k + 1)
+
+    walk(base, 0)
+    return found
+
+
+def _expand(source: Path, origin: str, seen_lists: set[Path],
+            exclude: _Exclude | None = None) -> list[Path]:
     """Expand one source; ``origin`` says where it came from, for error messages."""
     s = str(source)
     if source.is_dir():
-        found = _scan_dir(source)
+        found = _scan_dir(source, exclude)
         if not found:
             raise FileNotFoundError(f"{origin}directory {s} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         return found
-    if source.is_file():
-        if source.suffix.lower() == ".txt":
-            return _read_list(source, seen_lists)
+    if source.exists():  # a file; a FIFO, socket or device too (loading it fails with the reason)
+        if source.is_file() and source.suffix.lower() == ".txt":
+            return _read_list(source, seen_lists, exclude)
         return [source]
     if _has_magic(s):
-        matches = sorted(_glob.glob(s, recursive=True))
+        matches = sorted(_glob(s, exclude), key=str)
         if not matches:
             raise FileNotFoundError(f"{origin}pattern {s!r} matches no files")
         out: list[Path] = []
-        for m in matches:
-            mp = Path(m)
+        scanned: set[tuple[int, int]] = set()
+        for mp in matches:
             if mp.is_dir():
-                out.extend(_scan_dir(mp))
-            elif mp.is_file() and _is_image_name(mp):
+                out.extend(_scan_dir(mp, exclude, scanned))
+            elif mp.exists() and _is_image_name(mp):
                 out.append(mp)
         if not out:
             raise FileNotFoundError(
@@ -469,7 +776,7 @@ def _expand(source: Path, origin: str, seen_lists: set[Path]) -> list[Path]:
     raise FileNotFoundError(f"{origin}{s}: no such file or directory")
 
 
-def _read_list(list_file: Path, seen_lists: set[Path]) -> list[Path]:
+def _read_list(list_file: Path, seen_lists: set[Path], exclude: _Exclude | None = None) -> list[Path]:
     key = list_file.resolve()
     if key in seen_lists:
         raise ValueError(f"list file {list_file} includes itself (directly or through another list)")
@@ -487,13 +794,14 @@ def _read_list(list_file: Path, seen_lists: set[Path]) -> list[Path]:
         p = Path(os.path.expanduser(entry))
         if not p.is_absolute():
             p = base / p
-        out.extend(_expand(p, f"{list_file}:{lineno}: ", seen_lists))
+        out.extend(_expand(p, f"{list_file}:{lineno}: ", seen_lists, exclude))
     if not out:
         raise FileNotFoundError(f"list file {list_file} lists no images")
     return out
 
 
-def iter_image_paths(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def iter_image_paths(sources: str | os.PathLike | Iterable[str | os.PathLike], *,
+                     exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """Resolve ``sources`` into a deterministic, duplicate-free list of image paths.
 
     Each source is a file (taken as is, whatever its extension), a directory (searched
@@ -503,16 +811,24 @@ def iter_image_paths(sources: str | os.PathLike | Iterable[str | os.PathLike]) -
     ignored). Order: sources in the order given, each one's files sorted; a file reached twice
     (same resolved path) is kept at its first place. The work is done eagerly, so a source that
     matches nothing raises ``FileNotFoundError`` naming it before any image is loaded.
+
+    Walks and globs read each real directory once (symlink loops end). Files that are not
+    regular (FIFOs, sockets, devices) are listed, never opened: :func:`load_image` refuses them
+    with the reason. Nothing at or under an ``exclude`` path (an output folder) is ever listed,
+    whichever way it is reached.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    skip = _Exclude(exclude)
     out: list[Path] = []
     seen: set[Path] = set()
     n = 0
     for src in sources:
         n += 1
-        for p in _expand(Path(os.path.expanduser(os.fspath(src))), "", set()):
-            key = p.resolve()
+        for p in _expand(Path(os.path.expanduser(os.fspath(src))), "", set(), skip):
+            key = resolved(p)
+            if skip.covers(key):
+                continue
             if key not in seen:
                 seen.add(key)
                 out.append(p)

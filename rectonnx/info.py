@@ -7,10 +7,11 @@ from collections import Counter
 
 import onnx
 
+from .artifact import read_stamp
 from .errors import RectonnxError
 from .normalize import TARGET_OPSET, ai_onnx_opset, load_model, normalize
 from .rules import RULES
-from .walker import node_names_filled, unsupported_nodes
+from .walker import check_supported, node_names_filled, unsupported_nodes
 
 
 def _value_text(info: onnx.ValueInfoProto) -> str:
@@ -23,6 +24,17 @@ def _value_text(info: onnx.ValueInfoProto) -> str:
 
 def coverage_report(model, *, input_name: str | None = None,
                     output_name: str | None = None) -> str:
+    """The coverage report of ``model`` as text (see ``coverage``)."""
+    return coverage(model, input_name=input_name, output_name=output_name,
+                    problem_in_text=True)[0]
+
+
+def coverage(model, *, input_name: str | None = None, output_name: str | None = None,
+             problem_in_text: bool = False) -> tuple[str, str | None]:
+    """The coverage report of ``model`` and, when ``rewrite`` would refuse it, why: the
+    normaliser's error (an invalid graph, an opset it cannot convert, control flow, scores of
+    no class) or the ops without a backward rule; None for an explainer graph, which is
+    rewritten already. ``problem_in_text``: also end the report with that reason."""
     proto = load_model(model)
     initializers = {t.name for t in proto.graph.initializer}
     lines = [f"model: {proto.graph.name or '(unnamed)'}  opset {ai_onnx_opset(proto)}, "
@@ -35,11 +47,15 @@ def coverage_report(model, *, input_name: str | None = None,
     counts = Counter(n.op_type for n in proto.graph.node)
     lines.append(f"operators ({sum(counts.values())} nodes): " +
                  ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    made = read_stamp(proto)
+    if made is not None:  # an explainer graph: its stamp, no coverage to tell
+        return "\n".join(lines + made.lines()), None
     try:
         norm = normalize(proto, input_name=input_name, output_name=output_name)
     except RectonnxError as exc:
-        lines.append(f"cannot prepare the model for rewriting: {exc}")
-        return "\n".join(lines)
+        if problem_in_text:
+            lines.append(f"cannot prepare the model for rewriting: {exc}")
+        return "\n".join(lines), str(exc)
     node_names_filled(norm.graph)
     path_counts = Counter(n.op_type for n in norm.path_nodes)
     missing = unsupported_nodes(norm)
@@ -53,4 +69,8 @@ def coverage_report(model, *, input_name: str | None = None,
         lines.append(f"unsupported: {len(missing)} node(s): {names}{more}")
     else:
         lines.append("supported: every op on the path has a backward rule")
-    return "\n".join(lines)
+    try:
+        check_supported(norm)
+    except RectonnxError as exc:
+        return "\n".join(lines), str(exc)
+    return "\n".join(lines), None

@@ -1,181 +1,222 @@
-"""Attribution methods as data: what happens at activations, and how the input gradient ends.
+"""The registry of attribution methods: one entry per method, and the options every method takes.
 
-Everywhere else the backward is the exact vector-Jacobian product; a method only decides, at
-each activation ``y = f(z)`` with upstream gradient ``R``, the gradient ``R_z`` (SPEC.md sec. 2):
+A method entry is data (Zennit's composites are the model): its name, a one-line summary, its
+own options (``options.Option``: type, range, default, help), its defaults for the common options
+(RectGrad defaults to the paper's padding trick), a check across its options, and ``make``, which
+turns validated settings into a ``gates.Method`` (the gate at activations, the finishing step,
+rule wrappers and copies of each sample). ``build(spec)`` adds the settings' rule overrides
+below the method's own: the padding trick wraps the Conv rule and the proportional
+redistribution rule replaces the MaxPool rule (rules/linear.py, rules/pool.py), so no rule reads a
+flag. The maths of each method: gates.py, baselines.py and docs/maths.md.
 
-| method          | ``R_z``                                  | attribution            | source |
-|-----------------|------------------------------------------|------------------------|--------|
-| saliency        | ``f'(z) R`` (exact)                      | ``R_x``                | Simonyan et al. 2014 |
-| grad_input      | exact                                    | ``x R_x``              | Shrikumar et al. 2016 |
-| deconvnet       | ``relu(R)``                              | ``R_x``                | Zeiler & Fergus 2014 |
-| guided_backprop | ``relu(f'(z) R)`` = ``I(z>0) I(R>0) R``  | ``R_x``                | Springenberg et al. 2015 |
-| rectgrad        | ``I(y R > tau) R`` (ReLU; others also    | ``relu(x R_x)``        | Kim et al., RectGrad, eq. 4 |
-|                 | times ``f'(z)``)                         |                        |        |
-
-``guided_backprop`` uses ``relu(f'(z) R)``: ``f'(z) relu(R)`` for the monotone activations
-(``f' >= 0``: ReLU family, Sigmoid, Tanh, ELU, Softplus, ...); for the non-monotone Gelu, SiLU,
-Mish and HardSwish it also passes negative ``R`` where ``f'(z) < 0`` (rules/nonlinear.py lists
-which ops are gated activations). RectGrad's ``tau`` is a constant or the per-sample ``q``-th
-percentile of ``y R`` (threshold.py). Matches the authors' code: strict ``>``, per-sample
-percentile, no extra ReLU mask, final ``x * R_x`` thresholded at 0. Departs on purpose: non-ReLU
-activations keep ``f'(z)`` (their code ignores e.g. ReLU6 saturation).
-
-The paper's baselines (smoothgrad, integrated_gradients, deeplift, epsilon_lrp) are in
-baselines.py: they also override the backward of some ops (``rules``) or run several copies of
-each sample (``copies``).
+| method | what it returns | source |
+|---|---|---|
+| saliency | the signed input gradient | Simonyan et al. 2014 |
+| grad_input | input times gradient | Shrikumar et al. 2016 |
+| deconvnet | ``relu(R)`` at every activation | Zeiler & Fergus 2014 |
+| guided_backprop | gradient and upstream signal both positive | Springenberg et al. 2015 |
+| rectgrad | ``I(y R > tau) R`` at activations, ``relu(x R_x)`` | Kim et al. 2019 |
+| smoothgrad | saliency averaged over noisy copies | Smilkov et al. 2017 |
+| integrated_gradients | path integral from a baseline | Sundararajan et al. 2017 |
+| deeplift | Rescale rule against a baseline | Shrikumar et al. 2017 |
+| epsilon_lrp | the epsilon rule of layer-wise relevance | Bach et al. 2015 |
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .builder import GraphBuilder
-from .rules.base import Activation, RuleContext, Unpooled, masked
-from .threshold import (DEFAULT_ALGORITHM, check_algorithm, percentile_threshold,
-                        percentile_threshold_of_sparse, sparse_shortcut_applies)
+from . import baselines
+from .gates import (Method, deconvnet_gate, exact_gradient, gradient_only, guided_gate,
+                    positive_times_input, rectified_gate, times_input)
+from .options import Option, OptionError
+from .rules.base import RULES, Rule
+from .rules.linear import padding_trick_conv
+from .rules.pool import prr_max_pool_backward
+from .threshold import ALGORITHMS, DEFAULT_ALGORITHM
 
 if TYPE_CHECKING:
-    from .baselines import Copies
+    from .spec import ExplanationSpec
 
-ActivationRule = Callable[[RuleContext, Activation], str]
-Finish = Callable[[GraphBuilder, str, str], str]
+RUNTIMES = ("any", "onnxruntime-cpu")
+
+# -- options every method takes ------------------------------------------------------------------
+COMMON_OPTIONS = (
+    Option("padding_trick", "padding", False,
+           "Zero the gradient of a convolution's output where its receptive field covers "
+           "padding: 'exact' (every kernel and stride) or 'border' (the RectGrad authors' "
+           "one-pixel border of every SAME-shaped convolution); RectGrad defaults to 'exact', "
+           "the paper's setting."),
+    Option("prr", "bool", False,
+           "Max-pool backward by the proportional redistribution rule (paper App. C.2)."),
+    Option("final_percentile", "float", None,
+           "Keep the attribution above this per-sample percentile and zero the rest (the "
+           "paper's final thresholding uses 95).", low=0.0, high=100.0, nullable=True),
+    Option("threshold", "choice", DEFAULT_ALGORITHM,
+           "Percentile algorithm of RectGrad's gate and the final threshold (same result): "
+           "topk is fastest on CPU; bisect uses no TopK (TensorRT-safe).", choices=ALGORITHMS),
+    Option("layer_outputs", "bool", False,
+           "Also output attribution/<node>: the method's gradient at every activation's "
+           "output (the paper's Figure 6)."),
+    Option("runtime", "choice", "any",
+           "Which runtimes the graph targets: 'any' uses ops every tested runtime runs; "
+           "'onnxruntime-cpu' may also use MaxUnpool (faster there, absent from OpenVINO). "
+           "Same attribution.", choices=RUNTIMES),
+)
+
+# -- the methods' own options ----------------------------------------------------------------------
+Q = Option("q", "float", 98.0, "RectGrad: the per-layer percentile of importance scores that "
+           "a unit must exceed.", low=0.0, high=100.0)
+TAU = Option("tau", "float", None, "RectGrad: a constant threshold instead of the percentile q.",
+             nullable=True)
+Q_INPUT = Option("q_input", "bool", False,
+                 "RectGrad: make q an optional graph input (float64, [1] or one per sample) "
+                 "whose default is q: one artifact serves every q.")
+SAMPLES = Option("samples", "int", 50, "SmoothGrad: noisy copies per image.", low=1,
+                 high=100_000)
+SIGMA = Option("sigma", "float", 0.15, "SmoothGrad: noise standard deviation as a fraction of "
+               "each image's value range.", low=0.0)
+SEED = Option("seed", "int", 0, "SmoothGrad: seed of the noise (embedded in the graph).", low=0,
+              high=2 ** 63 - 1)
+STEPS = Option("steps", "int", 50, "Integrated Gradients: integration steps.", low=1,
+               high=100_000)
+BASELINE = Option("baseline", "baseline", 0.0, "Integrated Gradients and DeepLIFT: the "
+                  "reference input (a number, or in Python an array that broadcasts to one "
+                  "sample).")
+INTEGRATION = Option("integration", "choice", "riemann_right", "Integrated Gradients: the "
+                     "quadrature rule (riemann_right is the paper's code, gausslegendre "
+                     "Captum's default).", choices=baselines.INTEGRATION_RULES)
+EPSILON = Option("epsilon", "float", 1e-4, "epsilon-LRP: the stabiliser epsilon.", low=0.0,
+                 open_low=True)
 
 
 @dataclass(frozen=True)
-class Method:
-    """A named attribution method: its gate at activations and its finishing step; optionally
-    backward rules that replace the standard ones by op type, and copies of each sample."""
+class MethodEntry:
+    """One registered method: ``make(settings) -> gates.Method`` from validated settings
+    (a dict holding every option the method takes); ``defaults`` overrides the default of a
+    common option; ``check(settings, given)`` rejects combinations (``given``: the options the
+    caller set)."""
 
     name: str
-    activation: ActivationRule
-    finish: Finish
     summary: str
-    options: dict = field(default_factory=dict)
-    rules: Mapping[str, Callable] = field(default_factory=dict)
-    copies: "Copies | None" = None
+    make: Callable[[Mapping[str, Any]], Method]
+    options: tuple[Option, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any], set], None] | None = None
+
+    def all_options(self) -> tuple[Option, ...]:
+        return self.options + COMMON_OPTIONS
+
+    def default(self, option: Option):
+        return self.defaults.get(option.name, option.default)
 
 
-# -- gates at activations ----------------------------------------------------------------------
-def exact_gradient(ctx: RuleContext, act: Activation) -> str:
-    return act.exact
+def _simple(name: str, gate, finish, summary: str) -> MethodEntry:
+    return MethodEntry(name, summary, lambda s: Method(name, gate, finish, summary))
 
 
-def deconvnet_gate(ctx: RuleContext, act: Activation) -> str:
-    return ctx.g.Relu(act.upstream, hint="deconvnet")
+def _make_rectgrad(s: Mapping[str, Any]) -> Method:
+    q, tau = s["q"], s["tau"]
+    q_tensor = "q" if s["q_input"] else None
+    summary = f"RectGrad, tau = {tau:g}" if tau is not None else f"RectGrad, q = {q:g}"
+    return Method("rectgrad", rectified_gate(q, tau, s["threshold"], q_tensor),
+                  positive_times_input, summary, {"q": q, "tau": tau})
 
 
-def guided_gate(ctx: RuleContext, act: Activation) -> str:
-    return ctx.g.Relu(act.exact, hint="guided")
+def _check_rectgrad(s: Mapping[str, Any], given: set) -> None:
+    if s["tau"] is not None and "q" in given:
+        raise OptionError("rectgrad takes either q (a percentile) or tau (a constant "
+                          "threshold), not both")
+    if s["tau"] is not None and s["q_input"]:
+        raise OptionError("q_input makes q a graph input, which needs the percentile "
+                          "threshold: drop tau")
 
 
-def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORITHM,
-                   q_tensor: str | None = None) -> ActivationRule:
-    """RectGrad: keep the gradient where the importance score ``y R`` exceeds ``tau``
-    (``threshold`` names the algorithm for the percentile; both give the same tau;
-    ``q_tensor`` names a graph input that sets ``q`` at run time)."""
-    def gate(ctx: RuleContext, act: Activation) -> str:
-        g = ctx.g
-        # f'(z) R, as R * I(f'(z) = 1) when f' is 0 or 1 (Clip): the masks then merge by And
-        passed = act.upstream if act.is_relu or act.mask is not None else act.exact
-        allowed = None if act.is_relu else act.mask
-        sparse = tau is None and threshold == "topk" and q_tensor is None
-        pooled = _pooled_threshold(ctx, act, q) if sparse else None
-        if pooled is not None and act.is_relu:
-            # R is a max pool's dY placed at the arg-maxes (zero elsewhere, where y R = 0 is
-            # not above tau >= 0): gate dY on the pooled grid, then place it.
-            unpooled, pooled_scores, cut = pooled
-            return unpooled.spread(_kept(g, unpooled.dy, pooled_scores, cut))
-        scores = g.Mul(act.y, act.upstream, hint="importance")
-        if pooled is not None:
-            cut = pooled[2]
-        elif tau is None:
-            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
-        else:
-            cut = g.scalar(tau, hint="tau")
-        return _kept(g, passed, scores, cut, allowed)
-    return gate
+def _check_integration(s: Mapping[str, Any], given: set) -> None:
+    least = 1 if s["integration"] == "gausslegendre" else 2
+    if s["steps"] < least:
+        raise OptionError(f"option steps = {s['steps']} is not allowed: {s['integration']} "
+                          f"needs steps >= {least}")
 
 
-def _kept(g: GraphBuilder, passed: str, scores: str, cut: str, allowed: str | None = None) -> str:
-    """``passed * I(scores > cut)``, and ``allowed`` (a boolean mask) when given."""
-    above = g.Greater(scores, cut)
-    if allowed is not None:
-        above = g.And(allowed, above)
-    return masked(g, passed, above, hint="rectgrad")
+METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
+    _simple("saliency", exact_gradient, gradient_only, "signed input gradient"),
+    _simple("grad_input", exact_gradient, times_input, "input times gradient"),
+    _simple("deconvnet", deconvnet_gate, gradient_only, "relu(R) at every activation"),
+    _simple("guided_backprop", guided_gate, gradient_only,
+            "gradient and upstream signal both positive"),
+    MethodEntry("rectgrad", "Rectified Gradient: units whose importance y R exceeds a "
+                "per-layer percentile", _make_rectgrad, (Q, TAU, Q_INPUT),
+                defaults={"padding_trick": "exact"}, check=_check_rectgrad),
+    MethodEntry("smoothgrad", "saliency averaged over noisy copies",
+                lambda s: baselines.smoothgrad(s["samples"], s["sigma"], s["seed"]),
+                (SAMPLES, SIGMA, SEED)),
+    MethodEntry("integrated_gradients", "path integral of the gradient from a baseline",
+                lambda s: baselines.integrated_gradients(s["steps"], s["baseline"],
+                                                         s["integration"]),
+                (STEPS, BASELINE, INTEGRATION), check=_check_integration),
+    MethodEntry("deeplift", "DeepLIFT, Rescale rule against a baseline",
+                lambda s: baselines.deeplift(s["baseline"]), (BASELINE,)),
+    MethodEntry("epsilon_lrp", "layer-wise relevance, epsilon rule",
+                lambda s: baselines.epsilon_lrp(s["epsilon"]), (EPSILON,)),
+)}
+METHOD_NAMES = tuple(METHODS)
 
 
-def _pooled_threshold(ctx: RuleContext, act: Activation,
-                      q: float) -> "tuple[Unpooled, str, str] | None":
-    """When ``y`` feeds only a max pool with disjoint windows: the pool, its scores ``Y * dY``
-    and the percentile taken from them (threshold.percentile_threshold_of_sparse); else None."""
-    unpooled = ctx.unpooled_from(act.upstream, act.y)
-    if unpooled is None:
-        return None
-    size, pooled_size = ctx.sample_size(act.y), ctx.sample_size(unpooled.y)
-    if size is None or pooled_size is None or \
-            not sparse_shortcut_applies(pooled_size, size, q):
-        return None
-    g = ctx.g
-    scores = g.Mul(unpooled.y, unpooled.dy, hint="pooled_importance")
-    cut = percentile_threshold_of_sparse(g, scores, len(ctx.shape(act.y)), pooled_size, size, q)
-    return unpooled, scores, cut
+def all_options() -> dict[str, Option]:
+    """Every declared option once, by name (each method's in order, then the common ones)."""
+    table: dict[str, Option] = {}
+    for entry in METHODS.values():
+        for option in entry.options:
+            table.setdefault(option.name, option)
+    for option in COMMON_OPTIONS:
+        table[option.name] = option
+    return table
 
 
-# -- finishing steps ---------------------------------------------------------------------------
-def gradient_only(g: GraphBuilder, x: str, grad_x: str) -> str:
-    return grad_x
+def methods_taking(name: str) -> tuple[str, ...]:
+    """The methods that take option ``name`` (every method for a common option)."""
+    return tuple(m for m, entry in METHODS.items()
+                 if any(o.name == name for o in entry.all_options()))
 
 
-def times_input(g: GraphBuilder, x: str, grad_x: str) -> str:
-    return g.Mul(x, grad_x, hint="grad_times_input")
-
-
-def positive_times_input(g: GraphBuilder, x: str, grad_x: str) -> str:
-    return g.Relu(g.Mul(x, grad_x, hint="grad_times_input"), hint="positive")
-
-
-SIMPLE_METHODS = {
-    "saliency": Method("saliency", exact_gradient, gradient_only, "signed input gradient"),
-    "grad_input": Method("grad_input", exact_gradient, times_input, "input times gradient"),
-    "deconvnet": Method("deconvnet", deconvnet_gate, gradient_only,
-                        "relu(R) at every activation"),
-    "guided_backprop": Method("guided_backprop", guided_gate, gradient_only,
-                              "gradient and upstream signal both positive"),
-}
-BASELINE_NAMES = ("smoothgrad", "integrated_gradients", "deeplift", "epsilon_lrp")
-METHOD_NAMES = tuple(SIMPLE_METHODS) + ("rectgrad",) + BASELINE_NAMES
-
-
-def rectgrad(q: float = 98.0, tau: float | None = None,
-             threshold: str = DEFAULT_ALGORITHM, q_input: str | None = None) -> Method:
-    """RectGrad; ``q_input`` names a graph input that sets ``q`` per sample (default ``q``)."""
-    if tau is None and not 0.0 <= q <= 100.0:
-        raise ValueError(f"q must be a percentile in [0, 100], got {q}")
-    if q_input is not None and tau is not None:
-        raise ValueError("q as an input needs the percentile threshold (tau=None)")
-    check_algorithm(threshold)
-    summary = f"RectGrad, tau = {tau}" if tau is not None else f"RectGrad, q = {q}"
-    return Method("rectgrad", rectified_gate(q, tau, threshold, q_input), positive_times_input,
-                  summary, {"q": q, "tau": tau, "threshold": threshold, "q_input": q_input})
-
-
-def get_method(name: str, *, q: float = 98.0, tau: float | None = None,
-               threshold: str = DEFAULT_ALGORITHM, q_input: str | None = None,
-               **options) -> Method:
-    """The method called ``name``; ``q``/``tau``/``threshold``/``q_input`` parametrise RectGrad
-    and ``options`` a baseline (baselines.py)."""
-    if q_input is not None and name != "rectgrad":
-        raise ValueError(f"q as an input is RectGrad's percentile; {name} has no q")
-    if name in BASELINE_NAMES:
-        from .baselines import baseline_method
-        return baseline_method(name, **options)
-    if options:
-        raise ValueError(f"{name} has no option {', '.join(sorted(options))}")
-    if name == "rectgrad":
-        return rectgrad(q, tau, threshold, q_input)
+def entry(name: str) -> MethodEntry:
     try:
-        return SIMPLE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") \
-            from None
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise OptionError(f"unknown method {name!r}; choose one of "
+                          f"{', '.join(METHOD_NAMES)}") from None
+
+
+def build(spec: "ExplanationSpec") -> Method:
+    """The ``gates.Method`` of a validated spec, with the settings' rule overrides below the
+    method's own rule wrappers (``Method.wraps``)."""
+    settings = spec.settings()
+    method = entry(spec.method).make(settings)
+    below: dict[str, Callable[[Rule], Rule]] = {}
+    if settings["prr"]:
+        below["MaxPool"] = lambda inner: prr_max_pool_backward
+    if settings["padding_trick"]:
+        mode = settings["padding_trick"]
+        below["Conv"] = lambda inner: padding_trick_conv(mode, inner)
+    return dataclasses.replace(method, options=settings, wraps=_stacked(below, method.wraps))
+
+
+def _stacked(first: Mapping[str, Callable[[Rule], Rule]],
+             then: Mapping[str, Callable[[Rule], Rule]]) -> dict[str, Callable[[Rule], Rule]]:
+    """Wrappers that apply ``first`` and then ``then`` per op type."""
+    stacked = dict(first)
+    for op, wrap in then.items():
+        if op in stacked:
+            stacked[op] = lambda inner, a=stacked[op], b=wrap: b(a(inner))
+        else:
+            stacked[op] = wrap
+    return stacked
+
+
+def rules_of(method: Method) -> dict[str, Rule]:
+    """The concrete backward rules a method replaces: its wrappers applied to the table."""
+    return {op: wrap(RULES[op]) for op, wrap in method.wraps.items()}
+

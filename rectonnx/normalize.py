@@ -9,6 +9,9 @@ Steps, in order (each a small function; the op-level ones live in canonical_ops.
    primitives first, and Resize nodes that were Upsample/Resize-10 keep their old coordinates;
 4. constant folding: every node whose inputs are all constant is evaluated once
    (``onnx.reference``), so weights made by ``ConstantOfShape`` & co. become initializers;
+   an output that shape inference predicts above ``MAX_FOLDED_ELEMENTS`` (64 Mi elements,
+   ``RECTONNX_MAX_FOLDED_ELEMENTS`` or ``normalize(max_folded_elements=)``) and above its
+   node's inputs stays computed in the graph, so a tiny file cannot make rewrite fill memory;
 5. ``Identity`` and inference-mode ``Dropout`` removed; ``ceil_mode`` dropped from pools whose
    windows are the same in floor mode (onnx's shape inference miscounts some of those);
 6. ``BatchNormalization`` with constant statistics folded into the preceding ``Conv``
@@ -19,6 +22,8 @@ Steps, in order (each a small function; the op-level ones live in canonical_ops.
    ``[N, C, 1, 1]`` score map flattened to ``[N, C]``;
 8. shape inference, then the set of "active" tensors: floating-point tensors that depend on the
    data input and lead to the logits. Only nodes producing active tensors need backward rules;
+   scores of 0 classes and control flow (If/Loop/Scan, whose subgraphs read outer tensors by
+   name) on that path are refused with UnsupportedModelError;
 9. a fixed batch made symbolic where shape inference confirms it is safe, and composite
    activations (Gelu, SiLU, Mish spelt with several nodes) handed to the walker as one node
    each (composites.py).
@@ -38,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from .canonical_ops import (decompose_newer_activations, einsum_to_matmul, fix_legacy_resize,
                             symbolic_batch)
 from .composites import fuse_composites
-from .errors import InvalidModelError
+from .errors import InvalidModelError, UnsupportedModelError
 from .geometry import output_length
 
 TARGET_OPSET = 17
@@ -48,6 +53,7 @@ NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Multinomial", "Bernoulli"}
 SCORE_NORMALISERS = {"Softmax", "LogSoftmax"}
 SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+CONTROL_FLOW_OPS = {"If", "Loop", "Scan"}
 
 Dim = int | str | None
 LARGE_INITIALIZER = 4096  # elements; larger weights are left out of shape inference's copy
@@ -116,9 +122,19 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
         model.ir_version = 4
 
 
-def constant_nodes_to_initializers(graph: onnx.GraphProto) -> None:
+def constant_nodes_to_initializers(graph: onnx.GraphProto,
+                                   max_elements: int | None = None) -> None:
+    """``Constant`` nodes become initializers, but a sparse one larger than
+    ``folded_elements_limit(max_elements)`` when dense stays a node."""
     keep = []
+    limit = None
     for node in graph.node:
+        sparse = next((a.sparse_tensor for a in node.attribute if a.name == "sparse_value"), None)
+        if sparse is not None:
+            limit = folded_elements_limit(max_elements) if limit is None else limit
+            if np.prod(sparse.dims, dtype=np.float64) > limit:
+                keep.append(node)
+                continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = _constant_node_value(node)
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
@@ -208,37 +224,153 @@ def _restore_hidden_pads(model: onnx.ModelProto) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # 4. constant folding
-def fold_constants(model: onnx.ModelProto) -> None:
-    """Evaluate, once, every node whose inputs are all constant and replace it by initializers."""
+# A folded constant is held in memory and written into the explainer graph, so a tiny model
+# could ask for gigabytes (``ConstantOfShape [45000, 45000]``: 7.8 GB from 3 KB). Outputs larger
+# than this many elements, and larger than every input of their node (a Transpose or Cast of a
+# big weight is fine: the weight is in the file already), are left unfolded: onnxruntime
+# computes them when the graph runs, as it would for the original model.
+MAX_FOLDED_ELEMENTS = 64 * 2 ** 20  # 256 MB of float32
+MAX_FOLDED_ELEMENTS_VARIABLE = "RECTONNX_MAX_FOLDED_ELEMENTS"
+
+
+def folded_elements_limit(limit: int | None = None) -> int:
+    """The size cap of one folded constant, in elements: ``limit``, else the environment
+    variable ``RECTONNX_MAX_FOLDED_ELEMENTS``, else ``MAX_FOLDED_ELEMENTS``."""
+    source = "max_folded_elements"
+    if limit is None:
+        text = os.environ.get(MAX_FOLDED_ELEMENTS_VARIABLE, "").strip()
+        if not text:
+            return MAX_FOLDED_ELEMENTS
+        source = MAX_FOLDED_ELEMENTS_VARIABLE
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{source}={text!r}: expected a number of elements") from None
+        if not np.isfinite(number) or number != int(number):
+            raise ValueError(f"{source}={text!r}: expected a whole number of elements")
+        limit = int(number)
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"{source} must be an int >= 0, got {limit!r}")
+    return int(limit)
+
+
+def _foldable(node: onnx.NodeProto, constant: set[str]) -> bool:
+    return (node.op_type not in NONDETERMINISTIC_OPS and node.domain in ("", "ai.onnx")
+            and all(i == "" or i in constant for i in node.input) and len(node.input) > 0
+            and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute))
+
+
+def _predicted_elements(model: onnx.ModelProto,
+                        nodes: list[onnx.NodeProto]) -> dict[str, int | None]:
+    """Element counts of the outputs of ``nodes`` (all-constant) by shape inference, which
+    reads the small constants (shapes, repeats, sizes) without evaluating anything; None where
+    it cannot tell."""
     graph = model.graph
-    constant = {t.name for t in graph.initializer}
-    foldable: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if (node.op_type not in NONDETERMINISTIC_OPS and node.domain in ("", "ai.onnx")
-                and all(i == "" or i in constant for i in node.input) and len(node.input) > 0
-                and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)):
-            foldable.append(node)
-            constant.update(o for o in node.output if o)
-    if not foldable:
-        return
-    folded_outputs = {o for n in foldable for o in n.output if o}
-    consumed = {i for n in graph.node if n not in foldable for i in n.input}
+    small, large = [], []
+    for init in graph.initializer:
+        (large if np.prod(init.dims) > LARGE_INITIALIZER else small).append(init)
+    outputs = [o for n in nodes for o in n.output if o]
+    sub = helper.make_graph(
+        nodes, "fold_sizes",
+        [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs],
+        small)
+    try:
+        inferred = shape_inference.infer_shapes(
+            helper.make_model(sub, opset_imports=list(model.opset_import),
+                              ir_version=OUTPUT_IR_VERSION), strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - nothing known: every size is None
+        return {o: None for o in outputs}
+    sizes: dict[str, int | None] = {o: None for o in outputs}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = info.type.tensor_type
+        if info.name in sizes and tensor.HasField("shape") and all(
+                d.HasField("dim_value") for d in tensor.shape.dim):
+            sizes[info.name] = int(np.prod([d.dim_value for d in tensor.shape.dim],
+                                           dtype=np.float64))
+    return sizes
+
+
+def fold_constants(model: onnx.ModelProto, max_elements: int | None = None) -> None:
+    """Evaluate, once, every node whose inputs are all constant and replace it by initializers.
+
+    Outputs whose size shape inference predicts above ``max_elements`` (``folded_elements_limit``)
+    and above the size of each input of their node stay computed in the graph, and so do the
+    nodes after them; nothing is evaluated before its size is known, except ops whose size
+    shape inference cannot tell from constant inputs (NonZero, Unique: bounded by their inputs).
+    """
+    limit = folded_elements_limit(max_elements)
+    graph = model.graph
+    while True:
+        constant = {t.name for t in graph.initializer}
+        foldable: list[int] = []
+        for index, node in enumerate(graph.node):
+            if _foldable(node, constant):
+                foldable.append(index)
+                constant.update(o for o in node.output if o)
+        if not foldable:
+            return
+        chosen, deferred = _within_limit(model, foldable, limit)
+        if chosen:
+            _evaluate_into_initializers(model, chosen)
+        if not chosen or not deferred:
+            return
+
+
+def _within_limit(model: onnx.ModelProto, foldable: list[int],
+                  limit: int) -> tuple[list[int], bool]:
+    """The nodes (indices into ``graph.node``) of ``foldable`` to evaluate now, and whether
+    others may be folded after them (their sizes are known once their inputs are)."""
+    nodes = model.graph.node
+    sizes = _predicted_elements(model, [nodes[i] for i in foldable])
+    sizes.update({t.name: int(np.prod(t.dims, dtype=np.float64))
+                  for t in model.graph.initializer})
+    initializers = {t.name for t in model.graph.initializer}
+    chosen, held = [], set()
+    deferred = False
+    for index in foldable:
+        node = nodes[index]
+        outputs = [o for o in node.output if o]
+        if any(i in held for i in node.input):
+            held.update(outputs)
+            continue
+        predicted = [sizes.get(o) for o in outputs]
+        if any(n is None for n in predicted):
+            if not all(i == "" or i in initializers for i in node.input):
+                deferred = True  # known after its inputs are folded: next round
+                held.update(outputs)
+                continue
+        else:
+            largest_input = max((sizes.get(i) or 0 for i in node.input if i), default=0)
+            if max(predicted, default=0) > max(limit, largest_input):
+                held.update(outputs)
+                continue
+        chosen.append(index)
+    return chosen, deferred
+
+
+def _evaluate_into_initializers(model: onnx.ModelProto, indices: list[int]) -> None:
+    graph = model.graph
+    picked = set(indices)
+    chosen = [graph.node[i] for i in indices]
+    folded_outputs = {o for n in chosen for o in n.output if o}
+    consumed = {i for k, n in enumerate(graph.node) if k not in picked for i in n.input}
     consumed |= {o.name for o in graph.output}
     wanted = sorted(folded_outputs & consumed)
     from onnx.reference import ReferenceEvaluator
 
     sub = helper.make_graph(
-        foldable, "fold", [],
+        chosen, "fold", [],
         [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in wanted],
         initializer=list(graph.initializer))
     submodel = helper.make_model(sub, opset_imports=list(model.opset_import),
                                  ir_version=OUTPUT_IR_VERSION)
     try:
-        values = ReferenceEvaluator(submodel).run(None, {})
+        values = ReferenceEvaluator(submodel).run(None, {}) if wanted else []
     except Exception as exc:
         raise InvalidModelError(f"could not fold the model's constant subgraphs "
                                 f"({type(exc).__name__}: {exc})") from None
-    remaining = [n for n in graph.node if n not in foldable]
+    remaining = [n for k, n in enumerate(graph.node) if k not in picked]
     del graph.node[:]
     graph.node.extend(remaining)
     for name, value in zip(wanted, values):
@@ -497,34 +629,56 @@ def shape_table(model: onnx.ModelProto) -> tuple[dict[str, tuple | None], dict[s
     return shapes, types
 
 
+def subgraph_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors of the enclosing graph that a node's subgraphs (If branches, Loop and Scan
+    bodies) read by name, without listing them as inputs."""
+    names = []
+    for attribute in node.attribute:
+        graphs = ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
+                  list(attribute.graphs) if attribute.type == onnx.AttributeProto.GRAPHS else [])
+        for sub in graphs:
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for inner in sub.node:
+                names += [name for name in [*inner.input, *subgraph_inputs(inner)]
+                          if name and name not in defined]
+                defined.update(inner.output)
+    return names
+
+
 def active_path(graph: onnx.GraphProto, input_name: str, logits_name: str,
                 types: dict[str, int]) -> tuple[set[str], list[onnx.NodeProto]]:
-    """Float tensors that depend on the input and lead to the logits, and their producers."""
+    """Float tensors that depend on the input and lead to the logits, and their producers
+    (a node with subgraphs also reads what they read from the outer graph)."""
+    reads = [[*node.input, *subgraph_inputs(node)] for node in graph.node]
     depends = {input_name}
-    for node in graph.node:  # graph.node is topologically sorted (checked by onnx.checker)
-        if any(i in depends for i in node.input):
+    for node, inputs in zip(graph.node, reads):  # topologically sorted (checked by onnx.checker)
+        if any(i in depends for i in inputs):
             depends.update(o for o in node.output
                            if o and types.get(o, TensorProto.FLOAT) in FLOAT_TYPES)
     needed = {logits_name}
     path: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
+    for node, inputs in zip(reversed(graph.node), reversed(reads)):
         if any(o in needed and o in depends for o in node.output):
             path.append(node)
-            needed.update(node.input)
+            needed.update(inputs)
     active = depends & needed
     path.reverse()
     return active, path
 
 
 # ---------------------------------------------------------------------------------------------
-def normalize(model, *, input_name: str | None = None,
-              output_name: str | None = None) -> NormalizedModel:
-    """Load ``model`` and return it in canonical form with the tables the rules need."""
+def normalize(model, *, input_name: str | None = None, output_name: str | None = None,
+              max_folded_elements: int | None = None) -> NormalizedModel:
+    """Load ``model`` and return it in canonical form with the tables the rules need.
+
+    ``max_folded_elements``: the size cap of one folded constant (``folded_elements_limit``).
+    """
+    folded_elements_limit(max_folded_elements)  # a bad setting fails before any work
     proto = load_model(model)
     if not proto.graph.output:
         raise InvalidModelError("the model has no outputs")
     drop_initializer_inputs(proto)
-    constant_nodes_to_initializers(proto.graph)
+    constant_nodes_to_initializers(proto.graph, max_folded_elements)
     light, large = split_large_initializers(proto)
     try:
         onnx.checker.check_model(light)
@@ -538,8 +692,8 @@ def normalize(model, *, input_name: str | None = None,
         fix_legacy_resize(light.graph)
     proto = join_large_initializers(light, large)
     proto.ir_version = OUTPUT_IR_VERSION
-    constant_nodes_to_initializers(proto.graph)
-    fold_constants(proto)
+    constant_nodes_to_initializers(proto.graph, max_folded_elements)
+    fold_constants(proto, max_folded_elements)
     remove_identities(proto.graph)
     proto = drop_redundant_ceil_mode(proto)
     fold_batch_norms(proto.graph)
@@ -579,8 +733,22 @@ def normalize(model, *, input_name: str | None = None,
     if logits_shape is not None and len(logits_shape) != 2:
         raise InvalidModelError(f"the class scores {logits!r} have shape {list(logits_shape)}; "
                                 "expected [N, C] (or [N, C, 1, 1])")
+    if logits_shape is not None and logits_shape[1] == 0:
+        raise UnsupportedModelError(f"the scores {logits!r} have 0 classes (shape "
+                                    f"{list(logits_shape)}): there is no class to explain")
 
     active, path = active_path(proto.graph, input_name, logits, types)
+    control = [(n.op_type, n.name or f"producing {n.output[0]!r}") for n in path
+               if n.op_type in CONTROL_FLOW_OPS or subgraph_inputs(n)
+               or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                      for a in n.attribute)]
+    if control:
+        listing = ", ".join(f"{op} (node {name!r})" for op, name in control)
+        raise UnsupportedModelError(
+            f"control-flow ops (If/Loop/Scan) are not supported between the input and the "
+            f"logits: {listing}; export the model without data-dependent control flow (trace "
+            "it with the branch it takes, or fold constant conditions with onnx-simplifier)",
+            control)
     if input_name not in active:
         raise InvalidModelError(f"the scores {logits!r} do not depend on input {input_name!r}")
     if symbolic_batch(proto, input_name, logits, active, infer_shapes,

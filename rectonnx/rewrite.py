@@ -1,4 +1,4 @@
-"""``rewrite``: a classifier in, one explainer graph out (SPEC.md section 1).
+"""``rewrite``: a classifier in, one explainer graph out (docs/maths.md, "The explainer graph contract").
 
 The emitted graph takes the model's data input and ``target`` (int64 ``[N]``, negative = the
 predicted class) and returns ``logits`` (``[N, C]``, before any Softmax) and ``attribution``
@@ -13,69 +13,73 @@ the graph also returns the gradient reaching every activation's output, ``attrib
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .artifact import describe_source, read_stamp, source_fingerprint, stamp
 from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
-from .errors import InvalidModelError
-from .methods import get_method
-from .normalize import (OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, normalize,
+from .errors import InvalidModelError, UnsupportedModelError
+from .methods import RUNTIMES, build, rules_of
+from .normalize import (OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, load_model, normalize,
                         rename_tensor, split_large_initializers)
 from .rules import RuleContext
+from .spec import ExplanationSpec, resolve
 from .walker import backpropagate, check_supported, node_names_filled
 
 LOGITS, ATTRIBUTION, TARGET, Q = "logits", "attribution", "target", "q"
-RUNTIMES = ("any", "onnxruntime-cpu")
+__all__ = ["rewrite", "RUNTIMES", "VanishingMapWarning", "LOGITS", "ATTRIBUTION", "TARGET", "Q"]
 
 
-def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | None = None,
-            padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
-            output_name: str | None = None, threshold: str = "topk",
-            final_percentile: float | None = None, layer_outputs: bool = False,
-            q_input: bool = False, runtime: str = "any", **method_options) -> onnx.ModelProto:
-    """Return the explainer graph of ``model`` for ``method``.
+class VanishingMapWarning(UserWarning):
+    """A setting makes (part of) the attribution map zero by construction, e.g. a RectGrad
+    layer too small for its percentile (gates.py, "Vanishing maps")."""
+
+
+def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
+            input_name: str | None = None, output_name: str | None = None,
+            **options) -> onnx.ModelProto:
+    """Return the explainer graph of ``model`` for ``method`` and its options.
 
     Args:
         model: path, bytes or ``onnx.ModelProto`` of a classifier (opset 9+).
-        method: one of saliency, grad_input, deconvnet, guided_backprop, rectgrad,
-            smoothgrad, integrated_gradients, deeplift, epsilon_lrp.
-        q: RectGrad's per-layer percentile (used when ``tau`` is None).
-        tau: RectGrad's constant threshold (overrides ``q``).
-        padding_trick: zero the gradient where a convolution's receptive field covers padding.
-        prr: max-pool backward by the proportional redistribution rule.
+        method: a method name (``rectonnx.METHOD_NAMES``) or an ``ExplanationSpec``.
         input_name, output_name: which input is the image and which output holds the scores,
             for models with several.
-        threshold: how RectGrad's percentile is computed, ``"topk"`` (fastest on CPU) or
-            ``"bisect"`` (no TopK: TensorRT-safe); both give the same tau (threshold.py).
-        final_percentile: keep the attribution above its per-sample percentile (the paper's
-            final thresholding uses 95), zero the rest.
-        layer_outputs: also output ``attribution/<node>``, the gradient of the method at the
-            output of every activation node (combined over copies like the input gradient).
-        q_input: RectGrad's percentile becomes a graph input ``q`` (float64, ``[1]`` or one per
-            sample ``[N]``) with ``q`` as its default: an input with an initializer of the same
-            name (IR >= 4), so a server sets it per request. Clipped to [0, 100]; NaN means the
-            default. onnxruntime and onnx.reference accept it; OpenVINO keeps the default.
-        runtime: ``"any"`` (default): only ops that every tested runtime runs (onnxruntime CPU,
-            onnx.reference, OpenVINO; CUDA is untested here). ``"onnxruntime-cpu"``: also ops
-            that only onnxruntime's CPU provider is known to run well (MaxUnpool for the
-            backward of max pools with disjoint windows, 8 % faster there; OpenVINO lacks it).
-            The same attribution either way. ``Explainer`` picks it when it runs on the CPU alone.
-        method_options: the baseline's options, e.g. ``samples``, ``sigma``, ``seed``
-            (smoothgrad), ``steps``, ``baseline``, ``integration`` (integrated_gradients),
-            ``baseline`` (deeplift), ``epsilon`` (epsilon_lrp); see baselines.py.
+        options: the method's options, validated by ``ExplanationSpec`` (with a spec they
+            change it): ``q``, ``tau``, ``q_input`` (rectgrad); ``samples``, ``sigma``,
+            ``seed`` (smoothgrad); ``steps``, ``baseline``, ``integration``
+            (integrated_gradients); ``baseline`` (deeplift); ``epsilon`` (epsilon_lrp); and for
+            every method ``padding_trick`` (False, "exact", "border"; rectgrad: "exact"),
+            ``prr``, ``final_percentile``, ``threshold`` ("topk" or the TensorRT-safe
+            "bisect"), ``layer_outputs`` (also output ``attribution/<node>``) and ``runtime``
+            ("any", or "onnxruntime-cpu" for its faster MaxUnpool). ``q_input=True`` makes q an
+            optional graph input ``q`` (float64, ``[1]`` or ``[N]``, clipped to [0, 100], NaN
+            = the default) whose default is ``q``. See docs/maths.md for every formula.
+
+    The graph's ``metadata_props`` record the spec, the rectonnx version and the source
+    model's sha256 (artifact.py). Layers that a setting closes entirely (a RectGrad layer too
+    small for q) are reported with a ``VanishingMapWarning``.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    chosen = get_method(method, q=q, tau=tau, threshold=threshold,
-                        q_input=Q if q_input else None, **method_options)
-    if final_percentile is not None and not 0.0 <= final_percentile <= 100.0:
-        raise ValueError(f"final_percentile must be in [0, 100], got {final_percentile}")
-    norm = normalize(model, input_name=input_name, output_name=output_name)
+    spec = resolve(method, **options)
+    proto = load_model(model)
+    made = read_stamp(proto)
+    if made is not None:
+        raise UnsupportedModelError(
+            f"{describe_source(model)} is already an explainer graph "
+            f"({made.spec.describe() if made.spec else made.method}); rewrite the source "
+            "classifier instead (or load this one with Explainer / export-triton as it is)", [])
+    fingerprint = source_fingerprint(model if isinstance(model, (str, bytes, bytearray))
+                                     or hasattr(model, "__fspath__") else proto)
+    settings = spec.settings()
+    chosen = build(spec)
+    norm = normalize(proto, input_name=input_name, output_name=output_name)
     node_names_filled(norm.graph)
     check_supported(norm)
+    source_names = (norm.input_name, norm.logits_name)
     _reserve_contract_names(norm)
 
     graph = norm.graph
@@ -84,10 +88,11 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
     taken |= {LOGITS, ATTRIBUTION, TARGET, Q}
     g = GraphBuilder(taken)
     layers: dict[str, str] = {}  # activation output -> the gradient reaching it
+    layer_outputs = settings["layer_outputs"]
     walked = _recording(chosen, layers) if layer_outputs else chosen
-    ctx = RuleContext(g, norm.shapes, norm.constants, norm.active, walked,
-                      padding_trick=padding_trick, prr=prr, opset=TARGET_OPSET,
-                      max_unpool=runtime == "onnxruntime-cpu")
+    ctx = RuleContext(g, norm.shapes, norm.constants, norm.active, walked.activation,
+                      overrides=rules_of(chosen), opset=TARGET_OPSET,
+                      max_unpool=settings["runtime"] == "onnxruntime-cpu")
     copies = chosen.copies or SINGLE
     differentiated = copies.feed(norm, g, LOGITS)
     g.scope("seed")
@@ -96,9 +101,9 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
     g.scope("attribution")
     rank = len(norm.shapes.get(norm.input_name) or ())
     attribution = chosen.finish(g, norm.input_name, copies.combine(g, grad_input, rank))
-    if final_percentile is not None:
+    if settings["final_percentile"] is not None:
         attribution = final_threshold(g, attribution, norm.shapes.get(norm.input_name),
-                                      final_percentile, threshold)
+                                      settings["final_percentile"], settings["threshold"])
     g.Identity(attribution, outputs=[ATTRIBUTION])
     extra = []
     for node in norm.path_nodes if layer_outputs else ():
@@ -108,8 +113,13 @@ def rewrite(model, method: str = "rectgrad", *, q: float = 98.0, tau: float | No
             g.Identity(copies.combine(g, layers[node.output[0]], len(shape or ())),
                        outputs=[name])
             extra.append((name, shape))
-    defaults = {Q: np.array([q], np.float64)} if q_input else {}
-    return assemble(norm, g, chosen.name, extra, defaults)
+    defaults = {Q: np.array([settings["q"]], np.float64)} if settings.get("q_input") else {}
+    explainer = assemble(norm, g, spec.method, extra, defaults)
+    stamp(explainer, spec, source_sha256=fingerprint, input_name=source_names[0],
+          output_name=source_names[1])
+    for message in ctx.warnings:
+        warnings.warn(VanishingMapWarning(message), stacklevel=2)
+    return explainer
 
 
 def _recording(method, layers: dict[str, str]):
@@ -196,9 +206,6 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
                                   inputs, outputs, initializers)
     model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", TARGET_OPSET)],
                               ir_version=OUTPUT_IR_VERSION, producer_name="rectonnx")
-    for key, value in (("rectonnx.method", method_name),):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
     try:
         # the same check without serialising the large weights (they become typed inputs)
         onnx.checker.check_model(split_large_initializers(model)[0], full_check=True)

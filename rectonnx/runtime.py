@@ -1,6 +1,6 @@
 """``Explainer``: an onnxruntime session of an explainer graph, with input checks and chunking.
 
-    explainer = Explainer("model.onnx", method="rectgrad", q=98, memory_budget_mb=2000)
+    explainer = Explainer("model.onnx", "rectgrad", q=98, memory_budget_mb=2000)
     result = explainer.explain(batch, target=None)   # Explanation(attribution, logits, target)
 
 Batches larger than ``batch_size`` run in chunks so memory stays bounded; ``memory_budget_mb``
@@ -18,15 +18,18 @@ import ctypes
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 
-from .errors import InputError
-from .rewrite import ATTRIBUTION, LOGITS, TARGET, rewrite
+from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
+from .errors import ExecutionError, InputError, InvalidModelError
+from .rewrite import ATTRIBUTION, LOGITS, Q, TARGET, rewrite
+from .spec import ExplanationSpec, resolve
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Explanation:
     attribution: np.ndarray  # the input's shape
     logits: np.ndarray       # [N, C], before any softmax
     target: np.ndarray       # [N], the class each map explains
+    layers: dict = field(default_factory=dict)  # activation node -> map (layer_outputs=True)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -113,7 +117,9 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str] | None = None,
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about CPU fallback of shape ops are noise
+    # warnings about CPU fallback of shape ops are noise, and a failing node's error comes back
+    # as the exception that Explainer turns into one message: log only fatal errors
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
     if lean_memory:
@@ -190,29 +196,99 @@ def chunk_size_for_budget(bytes_per_sample: int, memory_budget_mb: float) -> int
     return max(1, int(memory_budget_mb * 2 ** 20 // bytes_per_sample))
 
 
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int >= 1, or a ValueError naming it."""
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r} "
+                         f"({type(batch_size).__name__})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def check_memory_budget(memory_budget_mb) -> float | None:
+    """``memory_budget_mb`` as a finite float > 0 (or None), or a ValueError naming it."""
+    if memory_budget_mb is None:
+        return None
+    if isinstance(memory_budget_mb, (bool, np.bool_)) or \
+            not isinstance(memory_budget_mb, (int, float, np.integer, np.floating)):
+        raise ValueError(f"memory_budget_mb must be a number of MB > 0, got "
+                         f"{memory_budget_mb!r} ({type(memory_budget_mb).__name__})")
+    if not (np.isfinite(memory_budget_mb) and memory_budget_mb > 0):
+        raise ValueError(f"memory_budget_mb must be finite and > 0, got {memory_budget_mb}")
+    return float(memory_budget_mb)
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_errors() -> tuple[type, ...]:
+    """The exception classes of onnxruntime's C++ core (Fail, InvalidArgument,
+    RuntimeException, ...), which derive from Exception only."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(value for value in vars(state).values()
+                 if isinstance(value, type) and issubclass(value, Exception))
+
+
+def onnxruntime_reason(exc: BaseException) -> str:
+    """The useful part of an onnxruntime error: the failing node and its status message,
+    without the C++ source location."""
+    import re
+
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"\S+\.(?:h|cc|cpp):\d+ [\w:~<>]+\([^()]*\) ", "", text)
+    match = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: ?(.*)", text)
+    if match:
+        op, name, status = match.groups()
+        text = f"{op} node {name!r}" + (f": {status}" if status.strip() else " failed")
+    return text[:400] + (" ..." if len(text) > 400 else "")
+
+
+def _forward_only(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The explainer graph cut down to what ``logits`` needs: the model's own forward pass."""
+    needed, kept = {LOGITS}, []
+    for node in reversed(graph.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    logits = next(o for o in graph.graph.output if o.name == LOGITS)
+    inputs = [i for i in graph.graph.input if i.name in needed]
+    initializers = [t for t in graph.graph.initializer if t.name in needed]
+    forward = onnx.helper.make_graph(kept, "forward", inputs, [logits], initializers)
+    return onnx.helper.make_model(forward, opset_imports=list(graph.opset_import),
+                                  ir_version=graph.ir_version)
+
+
 class Explainer:
     """Rewrites ``model`` once and runs the explainer graph on numpy batches."""
 
-    def __init__(self, model, method: str = "rectgrad", *, q: float = 98.0,
-                 tau: float | None = None, padding_trick: bool = False, prr: bool = False,
+    def __init__(self, model, method: "str | ExplanationSpec | None" = None, *,
                  providers: Sequence[str] | None = None, batch_size: int = 32,
                  input_name: str | None = None, output_name: str | None = None,
-                 threads: int | None = None, threshold: str = "topk",
-                 memory_budget_mb: float | None = None, io_binding: bool = True,
-                 spinning: bool | None = None):
-        """``threshold``: RectGrad's percentile algorithm, "topk" or "bisect" (TensorRT-safe,
-        same result; see rectonnx.threshold). ``memory_budget_mb``: cap the samples per run so
-        the estimated activation memory fits (and run onnxruntime without memory patterns).
-        ``io_binding``: write outputs straight into the result arrays. ``spinning=False``:
-        onnxruntime's threads sleep after each run (when other compute shares the CPU).
-        On the CPU provider alone the graph may use ops tuned for it (``rewrite(runtime=
-        "onnxruntime-cpu")``); with any other provider it is the portable graph."""
+                 threads: int | None = None, memory_budget_mb: float | None = None,
+                 io_binding: bool = True, spinning: bool | None = None, **options):
+        """``method`` and ``options``: a method name (default rectgrad) and its options, or an
+        ``ExplanationSpec`` (see ``rectonnx.rewrite``); ``self.spec`` is what was built.
+        ``model`` may be an explainer graph made before (``rectonnx rewrite``): it then runs as
+        it is, and method options that contradict its recorded spec are an error.
+        ``memory_budget_mb``: cap the samples per run so the estimated activation memory fits
+        (and run onnxruntime without memory patterns). ``io_binding``: write chunked outputs
+        straight into the result arrays. ``spinning=False``: onnxruntime's threads sleep after
+        each run (when other compute shares the CPU). On the CPU provider alone the graph may
+        use ops tuned for it (``runtime="onnxruntime-cpu"``, the same attribution) unless
+        ``runtime`` is given; with any other provider it is the portable graph."""
         providers = list(providers or default_providers())
-        cpu_only = providers == ["CPUExecutionProvider"]
-        graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                        input_name=input_name, output_name=output_name, threshold=threshold,
-                        runtime="onnxruntime-cpu" if cpu_only else "any")
-        self._setup(graph, method, providers=providers, batch_size=batch_size, threads=threads,
+        made = explainer_graph_in(model)
+        if made is not None:
+            check_agrees(read_stamp(made), method, options, describe_source(model))
+            graph = made
+        else:
+            spec = resolve(method, **options)
+            if providers == ["CPUExecutionProvider"] and "runtime" not in spec.given:
+                spec = spec.replace(runtime="onnxruntime-cpu")
+            graph = rewrite(model, spec, input_name=input_name, output_name=output_name)
+        self._setup(graph, providers=providers, batch_size=batch_size, threads=threads,
                     memory_budget_mb=memory_budget_mb, io_binding=io_binding, spinning=spinning)
 
     @classmethod
@@ -223,28 +299,40 @@ class Explainer:
         rewrite``): a ``ModelProto`` or a path; no rewrite happens."""
         if not isinstance(graph, onnx.ModelProto):
             graph = onnx.load(str(graph))
+        made = cls.__new__(cls)
+        made._setup(graph, providers=providers, batch_size=batch_size, threads=threads,
+                    memory_budget_mb=memory_budget_mb, io_binding=io_binding, spinning=spinning)
+        return made
+
+    def _setup(self, graph: onnx.ModelProto, *, providers, batch_size: int,
+               threads, memory_budget_mb, io_binding: bool, spinning) -> None:
         inputs = [i.name for i in graph.graph.input]
         outputs = [o.name for o in graph.graph.output]
         if TARGET not in inputs or {LOGITS, ATTRIBUTION} - set(outputs):
             raise InputError(f"not an explainer graph: inputs {inputs}, outputs {outputs}; "
                              "use Explainer(model, ...) to rewrite a classifier")
-        method = next((p.value for p in graph.metadata_props if p.key == "rectonnx.method"),
-                      "unknown")
-        made = cls.__new__(cls)
-        made._setup(graph, method, providers=providers, batch_size=batch_size, threads=threads,
-                    memory_budget_mb=memory_budget_mb, io_binding=io_binding, spinning=spinning)
-        return made
-
-    def _setup(self, graph: onnx.ModelProto, method: str, *, providers, batch_size: int,
-               threads, memory_budget_mb, io_binding: bool, spinning) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if memory_budget_mb is not None and not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        made = read_stamp(graph)
+        method = made.method if made is not None else "unknown"
+        self.spec = made.spec if made is not None else None
+        self.input_names = inputs
+        self.layer_names = [o for o in outputs if o.startswith(ATTRIBUTION + "/")]
+        batch_size = check_batch_size(batch_size)
+        memory_budget_mb = check_memory_budget(memory_budget_mb)
+        logits_dims = next(o for o in graph.graph.output
+                           if o.name == LOGITS).type.tensor_type.shape.dim
+        if len(logits_dims) == 2 and logits_dims[1].HasField("dim_value") and \
+                logits_dims[1].dim_value == 0:
+            raise InvalidModelError("the scores (logits) have 0 classes: there is no class to "
+                                    "explain")
         self.method = method
         self.graph = graph
-        self.session = make_session(graph, providers, threads,
-                                    lean_memory=memory_budget_mb is not None, spinning=spinning)
+        try:
+            self.session = make_session(graph, providers, threads,
+                                        lean_memory=memory_budget_mb is not None,
+                                        spinning=spinning)
+        except onnxruntime_errors() as exc:
+            raise ExecutionError(f"onnxruntime cannot load the explainer graph: "
+                                 f"{onnxruntime_reason(exc)}") from None
         self.io_binding = io_binding
         self.memory_budget_mb = memory_budget_mb
         self.bytes_per_sample: int | None = None
@@ -293,11 +381,27 @@ class Explainer:
         return np.ascontiguousarray(x)
 
     def check_target(self, target, count: int) -> np.ndarray:
+        """``target`` (None, one class, or one per sample; negative = the predicted class) as
+        int64 ``[count]``. Floats must be whole numbers within int64, and classes below the
+        model's class count (checked again on the scores when the count is dynamic)."""
         if target is None:
             return np.full(count, -1, dtype=np.int64)
         array = np.asarray(target)
-        if array.dtype.kind == "f" and np.all(array == np.round(array)):
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all():
+                raise InputError(f"target must be integer class indices, got "
+                                 f"{array[~np.isfinite(array)][:5].tolist()} (NaN or infinite)")
+            if not np.all(array == np.round(array)):
+                wrong = array[array != np.round(array)]
+                raise InputError(f"target must be integer class indices, got non-integral "
+                                 f"{wrong[:5].tolist()}")
+            if (np.abs(array) >= 2.0 ** 63).any():
+                raise InputError(f"target {array[np.abs(array) >= 2.0 ** 63][:5].tolist()} out "
+                                 "of range: class indices must fit in int64")
             array = array.astype(np.int64)
+        if array.dtype.kind == "u" and (array > np.iinfo(np.int64).max).any():
+            raise InputError(f"target {array[array > np.iinfo(np.int64).max][:5].tolist()} out "
+                             "of range: class indices must fit in int64")
         if array.dtype.kind not in "iu":
             raise InputError(f"target must be integer class indices, got dtype {array.dtype}")
         if array.ndim == 0:
@@ -313,15 +417,24 @@ class Explainer:
         return array.astype(np.int64)
 
     # -- running ----------------------------------------------------------------------------------
-    def explain(self, x, target=None, *, progress: bool = False) -> Explanation:
-        """Attribution maps and logits for the batch ``x`` (shape ``[N, ...]`` as the model)."""
+    def explain(self, x, target=None, *, q=None, progress: bool = False) -> Explanation:
+        """Attribution maps and logits for the batch ``x`` (shape ``[N, ...]`` as the model).
+        ``q``: RectGrad's percentile for this call (a number or one per sample), for graphs
+        made with ``q_input=True``. Graphs made with ``layer_outputs=True`` also return the
+        maps at every activation (``Explanation.layers``)."""
         x = self.check_batch(x)
         targets = self.check_target(target, len(x))
+        if q is not None or self.layer_names:
+            return self._explain_all_outputs(x, targets, q)
         if 0 < len(x) <= self.batch_size and self.input_shape[0] in (None, len(x)):
             # one run: onnxruntime's own output arrays are the result (binding outputs to
             # arrays of ours cost 0.2 ms per call at batch 1 and saved nothing here)
-            logits, attribution = self.session.run([LOGITS, ATTRIBUTION],
-                                                   {self.input_name: x, TARGET: targets})
+            try:
+                logits, attribution = self.session.run([LOGITS, ATTRIBUTION],
+                                                       {self.input_name: x, TARGET: targets})
+            except onnxruntime_errors() as exc:
+                raise self._run_failure(exc, x) from None
+            self._check_scores(logits, targets)
             return _explanation(attribution, logits, targets)
         attribution = np.empty(x.shape, self._dtypes[ATTRIBUTION])
         logits = None if self.num_classes is None else \
@@ -341,7 +454,94 @@ class Explainer:
                 logits[start:stop] = chunk_logits
         if logits is None:
             logits = np.zeros((0, 0), self._dtypes[LOGITS])
+        elif len(x):
+            self._check_scores(logits, targets)
         return _explanation(attribution, logits, targets)
+
+    def _explain_all_outputs(self, x: np.ndarray, targets: np.ndarray, q) -> Explanation:
+        """``explain`` with the ``q`` input fed and/or the layer outputs read (chunks are
+        concatenated; no IO binding)."""
+        feeds = {}
+        if q is not None:
+            if Q not in self.input_names:
+                raise InputError("this explainer graph has no q input: make it with "
+                                 "q_input=True (rectgrad) to set q per call")
+            values = np.asarray(q, np.float64).reshape(-1)
+            if values.size not in (1, len(x)) or not np.isfinite(values).all() or \
+                    ((values < 0) | (values > 100)).any():
+                raise InputError(f"q must be one percentile in [0, 100] or one per sample "
+                                 f"({len(x)}), got {q!r}")
+            feeds[Q] = values
+        names = [LOGITS, ATTRIBUTION, *self.layer_names]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, len(x), self.batch_size):
+            stop = min(start + self.batch_size, len(x))
+            chunk_feeds = {self.input_name: x[start:stop], TARGET: targets[start:stop]}
+            if Q in feeds:
+                chunk_feeds[Q] = feeds[Q] if feeds[Q].size == 1 else feeds[Q][start:stop]
+            try:
+                outputs = self.session.run(names, chunk_feeds)
+            except onnxruntime_errors() as exc:
+                raise self._run_failure(exc, x[start:stop]) from None
+            for collected, output in zip(parts, outputs):
+                collected.append(output)
+        logits, attribution, *layers = [np.concatenate(p) for p in parts]
+        self._check_scores(logits, targets)
+        result = _explanation(attribution, logits, targets)
+        return dataclasses.replace(result, layers={
+            name[len(ATTRIBUTION) + 1:]: value for name, value in zip(self.layer_names, layers)})
+
+    def _check_scores(self, logits: np.ndarray, targets: np.ndarray) -> None:
+        """Targets against the class count of the scores (a dynamic count is known now)."""
+        classes = logits.shape[1] if logits.ndim == 2 else None
+        if classes == 0:
+            raise InvalidModelError(f"the model returned scores of shape {list(logits.shape)}: "
+                                    "0 classes, there is no class to explain")
+        if classes is not None and (targets >= classes).any():
+            wrong = targets[targets >= classes]
+            raise InputError(f"target {wrong[:5].tolist()} out of range: the model has "
+                             f"{classes} classes (0..{classes - 1}; negative = predicted class)")
+
+    def _run_failure(self, exc: BaseException, batch: np.ndarray) -> Exception:
+        """The error to raise when onnxruntime fails on ``batch``: the model's own forward
+        pass is run alone to tell a model that cannot take this batch (e.g. a batch size fixed
+        inside it) from a scores tensor without classes or an explainer-graph failure."""
+        reason = onnxruntime_reason(exc)
+        shape = list(batch.shape)
+        if "allocat" in reason.lower():
+            return ExecutionError(f"onnxruntime ran out of memory on a batch of shape {shape} "
+                                  f"({reason}); use a smaller batch_size (--batch-size) or a "
+                                  "memory budget (--memory-budget)")
+        try:
+            forward = make_session(_forward_only(self.graph), ["CPUExecutionProvider"], 1)
+        except onnxruntime_errors():
+            forward = None
+        if forward is not None:
+            try:
+                logits = forward.run([LOGITS], {self.input_name: batch})[0]
+            except onnxruntime_errors():
+                alone = None
+                if len(batch) > 1:
+                    try:
+                        alone = forward.run([LOGITS], {self.input_name: batch[:1]})[0]
+                    except onnxruntime_errors():
+                        pass
+                if alone is not None:
+                    return ExecutionError(
+                        f"the model cannot run on a batch of {len(batch)} ({reason}), but runs "
+                        "on one sample: a batch size of 1 is fixed inside the graph; use "
+                        "batch_size=1 (--batch-size 1) or re-export the model with a dynamic "
+                        "batch axis")
+                return ExecutionError(f"the model itself cannot run on a batch of shape "
+                                      f"{shape} ({reason}); check the input size and "
+                                      "preprocessing the model expects")
+            if logits.ndim == 2 and logits.shape[1] == 0:
+                return InvalidModelError(f"the model returned scores of shape "
+                                         f"{list(logits.shape)}: 0 classes, there is no class "
+                                         "to explain")
+        return ExecutionError(f"onnxruntime could not run the explainer graph on a batch of "
+                              f"shape {shape} ({reason}); the model's forward pass runs, so "
+                              "this is a rectonnx bug: please report it with the model")
 
     def _run_chunk(self, chunk: np.ndarray, targets: np.ndarray, attribution_out: np.ndarray,
                    logits_out: np.ndarray | None) -> np.ndarray | None:
@@ -360,10 +560,16 @@ class Explainer:
             for name, out in ((ATTRIBUTION, attribution_out), (LOGITS, logits_out)):
                 binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape),
                                     out.ctypes.data)
-            self.session.run_with_iobinding(binding)
+            try:
+                self.session.run_with_iobinding(binding)
+            except (RuntimeError, *onnxruntime_errors()) as exc:  # "Error in execution: ..."
+                raise self._run_failure(exc, chunk) from None
             return None
-        logits, attribution = self.session.run(
-            [LOGITS, ATTRIBUTION], {self.input_name: chunk, TARGET: targets})
+        try:
+            logits, attribution = self.session.run(
+                [LOGITS, ATTRIBUTION], {self.input_name: chunk, TARGET: targets})
+        except onnxruntime_errors() as exc:
+            raise self._run_failure(exc, chunk) from None
         attribution_out[...] = attribution[:real]
         return logits[:real]
 

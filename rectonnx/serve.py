@@ -1,6 +1,6 @@
 """Deploying the explainer graph: a Triton Inference Server model repository entry.
 
-    export_triton("model.onnx", "repo/", method="rectgrad", max_batch_size=32)
+    export_triton("model.onnx", "repo/", "rectgrad", q=98, max_batch_size=32)
 
 writes ``repo/<name>/<version>/model.onnx`` (the explainer graph) and ``repo/<name>/config.pbtxt``
 for Triton's onnxruntime backend (``platform: "onnxruntime_onnx"``) with dynamic batching. The
@@ -27,7 +27,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
 from .errors import RectonnxError
+from .spec import ExplanationSpec, resolve
 
 TRITON_TYPES = {
     TensorProto.BOOL: "TYPE_BOOL", TensorProto.UINT8: "TYPE_UINT8",
@@ -182,81 +184,116 @@ class Exported:
         return "\n".join(lines)
 
 
-def explainer_graph_in(model) -> onnx.ModelProto | None:
-    """``model`` itself when it is already an explainer graph (``rectonnx rewrite`` output)."""
-    from .normalize import load_model
-
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    if any(p.key == "rectonnx.method" for p in proto.metadata_props):
-        return proto
-    return None
-
-
 def model_name(model, method: str) -> str:
     stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{stem}_{method}")
 
 
-def _atomic_save(write, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def export_triton(model, repo, *, name: str | None = None, version: int = 1,
-                  method: str = "rectgrad", q: float = 98.0, tau: float | None = None,
-                  padding_trick: bool = False, prr: bool = False, input_name: str | None = None,
-                  output_name: str | None = None, threshold: str = "topk",
-                  max_batch_size: int = 32,
-                  max_queue_delay_us: int = 1000, preferred_batch_sizes=(),
-                  instance_kind: str = "auto", instance_count: int = 1, q_input: bool = False,
-                  overwrite: bool = False, graph: onnx.ModelProto | None = None) -> Exported:
-    """Rewrite ``model`` (or take the explainer ``graph``, or ``model`` when it is one already)
-    and write a Triton entry; the method options then come with the graph. ``q_input``:
-    RectGrad's percentile becomes an optional per-request input ``q`` (FP64, default ``q``),
-    so one deployed model serves every percentile."""
-    from .rewrite import rewrite
-
-    if version < 1:
-        raise ValueError(f"the version must be >= 1, got {version}")
-    name = name or model_name(model, method)
+def check_model_name(name: str) -> str:
+    """``name`` if Triton can use it as a model directory, else a ValueError saying why."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name {name!r} is empty; give a name of letters, digits, '_', "
+                         "'.', '-' (or leave --name out for the default)")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-        raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' only")
-    if graph is None:
-        graph = explainer_graph_in(model)
-    if graph is None:
-        graph = rewrite(model, method, q=q, tau=tau, padding_trick=padding_trick, prr=prr,
-                        input_name=input_name, output_name=output_name, threshold=threshold,
-                        q_input=q_input)
-    config = triton_config(graph, name, max_batch_size=max_batch_size,
-                           max_queue_delay_us=max_queue_delay_us,
-                           preferred_batch_sizes=preferred_batch_sizes,
-                           instance_kind=instance_kind, instance_count=instance_count)
-    directory = Path(repo) / name
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' only "
+                         "(no '/', spaces, '..')")
+    return name
+
+
+def _config_change(old: str, new: str) -> str | None:
+    """None when two config.pbtxt texts are the same, else their first differing lines as
+    ``old -> new``."""
+    import difflib
+
+    old_lines = [line.strip() for line in old.strip().splitlines()]
+    new_lines = [line.strip() for line in new.strip().splitlines()]
+    if old_lines == new_lines:
+        return None
+    changes = []
+    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        before, after = old_lines[i1:i2], new_lines[j1:j2]
+        width = max(len(before), len(after))
+        changes += [f"{before[k] if k < len(before) else '(nothing)'} -> "
+                    f"{after[k] if k < len(after) else '(nothing)'}" for k in range(width)]
+    return "; ".join(changes[:2]) + ("; ..." if len(changes) > 2 else "")
+
+
+def write_entry(graph: onnx.ModelProto, config: TritonConfig, repo, version: int, *,
+                overwrite: bool = False) -> Exported:
+    """Write ``repo/<name>/<version>/model.onnx`` and ``repo/<name>/config.pbtxt``, each
+    atomically (fileio). Without ``overwrite``, an existing version is refused, and so is a
+    ``config.pbtxt`` that would change (every version of the model shares it); a new version
+    with the same config is fine. Large graphs keep their weights in ``model.onnx.data``."""
+    from .fileio import atomic_write_bytes, save_model_atomic
+
+    directory = Path(repo) / check_model_name(config.name)
     version_dir = directory / str(version)
     model_file, config_file = version_dir / "model.onnx", directory / "config.pbtxt"
+    text = config.pbtxt()
     if model_file.exists() and not overwrite:
         raise ExportError(f"{model_file} exists; pick another --version or --name, or pass "
                           "--force to replace it")
     try:
+        old = config_file.read_text() if config_file.is_file() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read {config_file}: {exc}") from None
+    change = None if old is None else _config_change(old, text)
+    if change is not None and not overwrite:
+        raise ExportError(f"{config_file} exists with another configuration, shared by every "
+                          f"version of {config.name!r} ({change}); pass --force to replace it, "
+                          "or export under another --name")
+    data_file = version_dir / "model.onnx.data"
+    try:
         version_dir.mkdir(parents=True, exist_ok=True)
-        if graph.ByteSize() > EXTERNAL_DATA_LIMIT:  # weights next to it, as Triton supports
-            _atomic_save(lambda p: onnx.save(graph, str(p), save_as_external_data=True,
-                                             location="model.onnx.data"), model_file)
-        else:
-            _atomic_save(lambda p: p.write_bytes(graph.SerializeToString()), model_file)
-        _atomic_save(lambda p: p.write_text(config.pbtxt()), config_file)
+        external = graph.ByteSize() > EXTERNAL_DATA_LIMIT  # weights beside it, as Triton allows
+        save_model_atomic(graph, model_file, external_data=external, location=data_file.name)
+        if not external and data_file.exists():  # left by an earlier, larger export
+            data_file.unlink()
+        if old is None or change is not None:
+            atomic_write_bytes(config_file, text)
     except OSError as exc:
         raise ExportError(f"cannot write the model repository under {directory}: "
                           f"{exc.strerror or exc}") from None
     return Exported(model_file, config_file, config)
+
+
+def export_triton(model, repo, method: "str | ExplanationSpec | None" = None, *,
+                  name: str | None = None, version: int = 1, input_name: str | None = None,
+                  output_name: str | None = None, max_batch_size: int = 32,
+                  max_queue_delay_us: int = 1000, preferred_batch_sizes=(),
+                  instance_kind: str = "auto", instance_count: int = 1,
+                  overwrite: bool = False, graph: onnx.ModelProto | None = None,
+                  **options) -> Exported:
+    """Rewrite ``model`` with ``method`` and its options (as ``rectonnx.rewrite``; an
+    ``ExplanationSpec`` works too) and write a Triton entry. When ``model`` is already an
+    explainer graph (or ``graph`` is given) it is written as it is, and options that contradict
+    its recorded spec are an error. ``q_input=True``: RectGrad's percentile becomes an optional
+    per-request input ``q`` (FP64, default ``q``), so one deployed model serves every
+    percentile."""
+    from .rewrite import rewrite
+
+    if version < 1:
+        raise ValueError(f"the version must be >= 1, got {version}")
+    if name is not None:
+        check_model_name(name)  # before the rewrite
+    if graph is None:
+        graph = explainer_graph_in(model)
+        if graph is not None:
+            check_agrees(read_stamp(graph), method, options, describe_source(model))
+    if graph is None:
+        spec = resolve(method, **options)
+        graph = rewrite(model, spec, input_name=input_name, output_name=output_name)
+    made = read_stamp(graph)
+    name = model_name(model, made.method if made else "explainer") if name is None else name
+    check_model_name(name)
+    config = triton_config(graph, name, max_batch_size=max_batch_size,
+                           max_queue_delay_us=max_queue_delay_us,
+                           preferred_batch_sizes=preferred_batch_sizes,
+                           instance_kind=instance_kind, instance_count=instance_count)
+    return write_entry(graph, config, repo, version, overwrite=overwrite)
 
 
 # -- other runtimes ------------------------------------------------------------------------------

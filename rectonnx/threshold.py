@@ -1,4 +1,4 @@
-"""RectGrad's per-layer threshold ``tau_l`` (SPEC.md section 2).
+"""RectGrad's per-layer threshold ``tau_l`` (docs/maths.md, 'The percentile threshold').
 
 For importance scores ``s = y * R`` of one layer and sample with ``M`` elements, ``tau`` is the
 ``k``-th largest score with ``k = round_half_even((M - 1) (1 - q/100)) + 1`` (float64): exactly

@@ -1,4 +1,4 @@
-r"""Pictures of attribution maps (SPEC.md section 3, paper App. F.1, Figures 1 and 6).
+r"""Pictures of attribution maps (docs/maths.md, 'Visualisation'; paper App. F.1, Figures 1, 6).
 
 For an attribution ``A`` of one image (``C x H x W``):
 

@@ -40,7 +40,7 @@ def backpropagate(norm: NormalizedModel, ctx: RuleContext, seed: str) -> str:
         out_grads = [(_sum(ctx, pending.pop(o)) if o in pending else None) for o in node.output]
         ctx.g.scope(f"grad/{node.name or node.output[0]}")
         attributes = node_attributes(node, ctx.opset)
-        backward = ctx.method.rules.get(node.op_type, RULES[node.op_type])
+        backward = ctx.rule_for(node.op_type)
         input_grads = backward(ctx, node, out_grads, **attributes)
         if len(input_grads) != len(node.input):
             raise AssertionError(f"rule of {node.op_type} returned {len(input_grads)} gradients "

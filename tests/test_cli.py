@@ -69,9 +69,10 @@ def test_rewrite_for_a_runtime(model_file, tmp_path, runtime, unpools):
 def test_info_reports_coverage(model_file, unsupported_file):
     ok = run("info", model_file)
     assert ok.exit_code == 0 and "every op on the path has a backward rule" in ok.output
-    bad = run("info", unsupported_file)
-    assert bad.exit_code == 0
+    bad = run("info", unsupported_file)  # the report, then why it cannot be rewritten
+    assert bad.exit_code == 2
     assert "NO  Sin x1" in bad.output and "NO  Cos x1" in bad.output
+    assert bad.output.strip().splitlines()[-1].startswith("error: ")
 
 
 @pytest.mark.parametrize("args, words", [

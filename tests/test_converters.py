@@ -5,7 +5,8 @@ framework computes on the same weights and inputs, to ``max|a - b| / max|b| <= 1
 * PyTorch: torch autograd in float64 (``helpers.torch_gradient``);
 * Keras 3 (tf2onnx): ``tf.GradientTape``, float32, on an NHWC (channels_last) CNN; the
   attribution comes back NHWC. Guided backprop and RectGrad are checked against the same model
-  with ``tf.custom_gradient`` ReLUs that implement SPEC.md's rules literally;
+  with ``tf.custom_gradient`` ReLUs that implement the rules of docs/maths.md, 'The methods',
+  literally;
 * JAX / Flax NNX (jax2onnx): ``jax.grad``, float32, NHWC;
 * scikit-learn ``MLPClassifier`` (skl2onnx): torch autograd (float64) of the MLP rebuilt from its
   ``coefs_`` / ``intercepts_``, whose softmax is checked against ``predict_proba`` first.
@@ -113,14 +114,15 @@ def gated_relu(rule):
 
 
 def guided_rule(y, upstream, z):
-    """SPEC.md: ``R_z = I(z > 0) I(R > 0) R``."""
+    """docs/maths.md, 'The methods': ``R_z = I(z > 0) I(R > 0) R``."""
     import tensorflow as tf
 
     return upstream * tf.cast((z > 0) & (upstream > 0), upstream.dtype)
 
 
 def rectgrad_rule(q: float):
-    """SPEC.md: ``R_z = I(y R > tau) R``, ``tau`` the k-th largest score of the sample."""
+    """docs/maths.md, 'The RectGrad gate': ``R_z = I(y R > tau) R``, ``tau`` the k-th largest
+    score of the sample."""
     import tensorflow as tf
 
     def rule(y, upstream, z):
@@ -147,7 +149,9 @@ def test_keras_nhwc_saliency_matches_gradient_tape(keras_cnn):
 def test_keras_guided_backprop_and_rectgrad_match_tf_custom_gradients(keras_cnn, method):
     _, forward, proto = keras_cnn
     x = distinct_values((5, 8, 8, 3), np.random.default_rng(1))
-    _, attribution = explain(proto, x, TARGETS, method, q=90.0)
+    _, attribution = explain(proto, x, TARGETS, method,
+                             **({"q": 90.0, "padding_trick": False} if method == "rectgrad"
+                                else {}))
     rule = guided_rule if method == "guided_backprop" else rectgrad_rule(90.0)
     _, expected = tf_attribution(forward, x, TARGETS, gated_relu(rule))
     if method == "rectgrad":

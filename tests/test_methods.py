@@ -2,12 +2,14 @@
 
 * Captum (float64) on torch models exported to ONNX (TorchScript exporter, dynamic batch):
   ``Saliency(abs=False)`` = saliency, ``InputXGradient`` = grad_input, ``GuidedBackprop`` =
-  guided_backprop, ``Deconvolution`` = deconvnet (SPEC.md sec. 2 defines them exactly so).
+  guided_backprop, ``Deconvolution`` = deconvnet (docs/maths.md, 'The methods', defines them
+  exactly so).
   The nets have BatchNorm (folded into Conv by the exporter, and one standalone after a ReLU),
   residual adds, max- and average-pooling and a dense head; every ReLU is its own ``nn.ReLU``
   module so Captum's hooks see each one. Max relative error <= 1e-4.
-* A literal numpy re-statement of SPEC.md's table for a two-layer perceptron with ReLU,
-  LeakyReLU and ReLU6 (Clip), so the methods' behaviour at non-ReLU activations is pinned too.
+* A literal numpy re-statement of the table in docs/maths.md, 'The methods', for a two-layer
+  perceptron with ReLU, LeakyReLU and ReLU6 (Clip), so the methods' behaviour at non-ReLU
+  activations is pinned too.
 
 Kinks: the random inputs and weights put no pre-activation within 1e-6 of 0 (asserted for the
 perceptron). In ``PoolThenReLU`` the max-pools come before the ReLUs, so no max-pool window ties.
@@ -205,7 +207,7 @@ def perceptron(activation, rng, d_in=12, hidden=16, classes=4):
 
 
 def literal_method(method, activation, params, x, target, tau=None):
-    """SPEC.md sec. 2, one line per method, for ``logits = f(x w1 + b1) w2``."""
+    """docs/maths.md, 'The methods', one line per method, for ``logits = f(x w1 + b1) w2``."""
     w1, b1, w2 = params
     _, _, f, f_prime = ACTIVATIONS[activation]
     x = np.asarray(x, np.float64)

@@ -1,4 +1,4 @@
-"""RectGrad (SPEC.md sec. 2 and the paper's App. C, D, E) on explainer graphs.
+"""RectGrad (docs/maths.md, 'The RectGrad gate', and the paper's App. C, D, E) on explainer graphs.
 
 * the percentile rank ``k = round_half_even((M - 1)(1 - q/100)) + 1`` and hand-computed cases
   where half-even and half-up rounding, or per-sample and per-batch thresholds, disagree;
@@ -17,6 +17,7 @@ apart relative to float32 precision (the tests would show a flip as an O(1) erro
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch import nn
 
 from helpers import (assert_close, distinct_values, explain, export, parse, resolve_targets,
                      run_explainer)
-from rectonnx.methods import Method, positive_times_input
+from rectonnx.gates import Method, positive_times_input
 from rectonnx.threshold import percentile_rank
 
 import rectonnx
@@ -260,6 +261,7 @@ TARGETS = [0, 3, -1, 2]
 
 
 def check_rectgrad(paper_cnn, where, rule, **options):
+    options = {"padding_trick": False, **options}  # RectGrad's default is the paper's trick
     net, x, model = paper_cnn
     _, attribution = explain(model, x, TARGETS, "rectgrad", **options)
     expected = literal_attribution(net, x, TARGETS, rule, padding_trick=options.get(
@@ -291,7 +293,7 @@ def test_rectgrad_percentile_with_options_against_literal(paper_cnn, q, padding_
 def test_rectgrad_threshold_from_pooled_scores(paper_cnn, monkeypatch, q, padding_trick,
                                                runtime):
     """ReLUs that feed only a 2x2 max pool take their percentile from the pooled scores
-    ``Y * dY`` (4x fewer; methods._pooled_threshold) and gate ``dY`` before placing it at the
+    ``Y * dY`` (4x fewer; gates._pooled_threshold) and gate ``dY`` before placing it at the
     arg-maxes (scatter for runtime="any", MaxUnpool for onnxruntime-cpu): the same attribution,
     to the bit, as the full-size percentile and gate, and the literal torch one. At q = 76
     (k = 93 of 384, pooled 96) the k-th pooled score is negative and the threshold 0 on every
@@ -303,7 +305,7 @@ def test_rectgrad_threshold_from_pooled_scores(paper_cnn, monkeypatch, q, paddin
     assert sum("pooled_importance" in n for n in names) == 2
     assert sum("/importance" in n for n in names) == 2  # the 2 pooled ReLUs gate at pool size
     _, fast = run_explainer(explainer, x, TARGETS)
-    monkeypatch.setattr(importlib.import_module("rectonnx.methods"), "_pooled_threshold",
+    monkeypatch.setattr(importlib.import_module("rectonnx.gates"), "_pooled_threshold",
                         lambda *args: None)
     full_size = rectonnx.rewrite(model, "rectgrad", q=q, padding_trick=padding_trick,
                                  runtime=runtime)
@@ -354,10 +356,13 @@ def test_rectgrad_constant_tau_against_literal(paper_cnn, tau):
 def test_rectgrad_options_change_the_map(paper_cnn):
     """The padding trick and PRR really act on this net (else their tests are vacuous)."""
     _, x, model = paper_cnn
-    base = explain(model, x, TARGETS, "rectgrad", q=90.0)[1]
-    for options in ({"padding_trick": True}, {"prr": True}):
+    base = explain(model, x, TARGETS, "rectgrad", q=90.0, padding_trick=False)[1]
+    for options in ({"padding_trick": True}, {"padding_trick": False, "prr": True}):
         assert not np.allclose(base, explain(model, x, TARGETS, "rectgrad", q=90.0,
                                              **options)[1]), options
+    default = explain(model, x, TARGETS, "rectgrad", q=90.0)[1]  # the paper's padding trick
+    assert np.array_equal(default, explain(model, x, TARGETS, "rectgrad", q=90.0,
+                                           padding_trick="exact")[1])
 
 
 def test_rectgrad_batch_equals_samples_one_by_one(paper_cnn):
@@ -383,9 +388,12 @@ def test_rectgrad_more_seeds(seed, q):
 
 # -- claims 1 and 2 (paper Sec. 4.2, App. E) on the ONNX graphs ----------------------------
 def with_method(monkeypatch, method: Method):
-    """Make ``rectonnx.rewrite`` build ``method`` (a method is data: a gate and a finish)."""
+    """Make ``rectonnx.rewrite`` build ``method`` (a method is data: a gate and a finish) with
+    the spec's rule overrides (padding trick, PRR)."""
     module = importlib.import_module("rectonnx.rewrite")
-    monkeypatch.setattr(module, "get_method", lambda *args, **kwargs: method)
+    built = module.build
+    monkeypatch.setattr(module, "build", lambda spec: dataclasses.replace(
+        built(spec), name=method.name, activation=method.activation, finish=method.finish))
 
 
 def epsilon_gate(eps):
@@ -397,7 +405,8 @@ def epsilon_gate(eps):
     return gate
 
 
-@pytest.mark.parametrize("options", [{}, {"padding_trick": True, "prr": True}])
+@pytest.mark.parametrize("options", [{"padding_trick": False},
+                                     {"padding_trick": True, "prr": True}])
 def test_claim1_deconvnet_times_input_is_rectgrad_with_epsilon_rule(paper_cnn, monkeypatch,
                                                                     options):
     """relu(deconvnet * x) == RectGrad with R_z = I((a + eps) R > 0) R, both as ONNX graphs, and
@@ -414,7 +423,8 @@ def test_claim1_deconvnet_times_input_is_rectgrad_with_epsilon_rule(paper_cnn, m
     assert_close(rect, thresholded, "claim 1 graph vs graph", tol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{}, {"padding_trick": True, "prr": True}])
+@pytest.mark.parametrize("options", [{"padding_trick": False},
+                                     {"padding_trick": True, "prr": True}])
 def test_claim2_guided_backprop_times_input_is_rectgrad_with_tau_0(paper_cnn, options):
     net, x, model = paper_cnn
     _, guided = explain(model, x, TARGETS, "guided_backprop", **options)

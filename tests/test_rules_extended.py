@@ -31,7 +31,7 @@ from test_rules import TARGETS, Case, Wrap, const, ints, positive, run_case
 import rectonnx
 from rectonnx.builder import GraphBuilder
 from rectonnx.geometry import explicit_pads
-from rectonnx.methods import get_method
+from rectonnx.gates import exact_gradient
 from rectonnx.normalize import normalize
 from rectonnx.rules import RuleContext
 from rectonnx.threshold import percentile_rank
@@ -172,7 +172,8 @@ LITERAL = {
                                             ("rectgrad", {"q": 60.0})])
 @pytest.mark.parametrize("activation", sorted(LITERAL))
 def test_methods_at_new_activations_against_literal_numpy(activation, method, options):
-    """``x -> Gemm -> f -> Gemm``: SPEC.md's table at one non-ReLU activation, in numpy."""
+    """``x -> Gemm -> f -> Gemm``: the table of docs/maths.md, 'Activations other than ReLU', at
+    one non-ReLU activation, in numpy."""
     rng = np.random.default_rng(3)
     body, f = LITERAL[activation]
     w1 = rng.standard_normal((6, 9)).astype(np.float32)
@@ -689,7 +690,7 @@ def test_fit_to_shape_of_gives_the_dynamic_conv_input_gradient(strides, pads, di
     w = rng.standard_normal((3, 2, *kernel)).astype(np.float32)
     g = GraphBuilder({"x", "dy", "W", "dx"})
     ctx = RuleContext(g, {"x": ("N", 2, "H", "W"), "dy": ("N", 3, None, None)}, {}, set(),
-                      get_method("saliency"), padding_trick=False, prr=False, opset=17)
+                      exact_gradient, opset=17)
     in_transpose = [pads[0], pads[1], 0, 0] if recipe == "pads_in_conv_transpose" else None
     spread = g.ConvTranspose("dy", "W", strides=list(strides), dilations=list(dilations),
                              kernel_shape=list(kernel), pads=in_transpose)
@@ -713,8 +714,7 @@ def test_same_pad_begins_for_dynamic_sizes(strides, dilations, kernel, auto_pad,
     rng = np.random.default_rng(4)
     w = rng.standard_normal((3, 2, *kernel)).astype(np.float32)
     g = GraphBuilder({"x", "dy", "W", "dx"})
-    ctx = RuleContext(g, {"x": ("N", 2, "H", "W")}, {}, set(), get_method("saliency"),
-                      padding_trick=False, prr=False, opset=17)
+    ctx = RuleContext(g, {"x": ("N", 2, "H", "W")}, {}, set(), exact_gradient, opset=17)
     begins = ctx.same_pad_begins("x", kernel, strides, dilations, auto_pad)
     spread = g.ConvTranspose("dy", "W", strides=list(strides), dilations=list(dilations),
                              kernel_shape=list(kernel))
@@ -781,7 +781,8 @@ def test_symbolic_height_and_width(method, runtime):
     is computed in the graph) against the explainer of the same model with static sizes.
     ``onnxruntime-cpu`` unpools the disjoint max pools whose MaxUnpool size fits (not the
     ceil-mode one)."""
-    explainer = rectonnx.rewrite(dynamic_model(), method, q=70.0, runtime=runtime)
+    explainer = rectonnx.rewrite(dynamic_model(), method, runtime=runtime,
+                                 **({"q": 70.0} if method == "rectgrad" else {}))
     assert sum(n.op_type == "MaxUnpool" for n in explainer.graph.node) == \
         (2 if runtime == "onnxruntime-cpu" else 0)
     dims = [d.dim_param or d.dim_value for d in explainer.graph.input[0].type.tensor_type.shape.dim]
@@ -795,7 +796,8 @@ def test_symbolic_height_and_width(method, runtime):
             assert_close(attribution, fd_gradient(reference, x, [0, -1]),
                          "gradient vs central differences", where=f"dynamic {height}x{width}")
         else:
-            static = rectonnx.rewrite(dynamic_model(height, width), method, q=70.0)
+            static = rectonnx.rewrite(dynamic_model(height, width), method, runtime=runtime,
+                                      **({"q": 70.0} if method == "rectgrad" else {}))
             _, expected = run_explainer(static, x, [0, -1])
             assert_close(attribution, expected, "rectgrad dynamic vs static sizes",
                          where=f"{height}x{width}")
@@ -892,14 +894,16 @@ def same_model(height="H", width="W"):
 def test_same_padded_convs_with_symbolic_sizes(padding_trick):
     """SAME_UPPER/SAME_LOWER convolutions whose pads depend on the run-time size: saliency by
     central differences, RectGrad against the explainer built for the fixed size."""
-    dynamic = {m: rectonnx.rewrite(same_model(), m, q=60.0, padding_trick=padding_trick)
+    dynamic = {m: rectonnx.rewrite(same_model(), m, padding_trick=padding_trick,
+                                   **({"q": 60.0} if m == "rectgrad" else {}))
                for m in ("saliency", "rectgrad")}
     for i, (height, width) in enumerate([(7, 9), (8, 8), (5, 6)]):
         x = distinct_values((2, 2, height, width), np.random.default_rng(10 + i))
         fixed = same_model(height, width)
         for method, explainer in dynamic.items():
             _, got = run_explainer(explainer, x, [0, -1])
-            _, want = explain(fixed, x, [0, -1], method, q=60.0, padding_trick=padding_trick)
+            _, want = explain(fixed, x, [0, -1], method, padding_trick=padding_trick,
+                              **({"q": 60.0} if method == "rectgrad" else {}))
             assert_close(got, want, "dynamic vs static sizes",
                          where=f"SAME/{method}/{padding_trick}/{height}x{width}")
         if not padding_trick:

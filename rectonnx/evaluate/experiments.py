@@ -66,6 +66,13 @@ class MethodSpec:
     method: str | None            # a rectonnx method; None = random maps
     options: dict = field(default_factory=dict)
 
+    @property
+    def spec(self):
+        """The validated ``rectonnx.ExplanationSpec`` (None for random maps)."""
+        from ..spec import ExplanationSpec
+
+        return None if self.method is None else ExplanationSpec(self.method, **self.options)
+
 
 def method_specs(keys, *, final_percentile: float | None = 95.0, samples: int = 50,
                  steps: int = 50, q: float = 98.0) -> list[MethodSpec]:
@@ -221,10 +228,12 @@ class Attributor:
         import onnxruntime as ort
 
         from ..rewrite import rewrite
+        from ..spec import ExplanationSpec
 
-        key = (method, json.dumps(options, sort_keys=True, default=str))
+        spec = ExplanationSpec(method, **options)  # validated once, the session's key
+        key = spec.to_json()
         if key not in self._sessions:
-            graph = rewrite(self.model, method, **options)
+            graph = rewrite(self.model, spec)
             settings = ort.SessionOptions()
             settings.log_severity_level = 3
             # no spin-waiting between runs: torch trains in this process and others

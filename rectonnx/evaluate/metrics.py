@@ -2,7 +2,8 @@ r"""The numbers of the paper's quantitative comparison (Sec. 3 and 5.3), in nump
 
 For attribution maps ``A`` of shape ``[N, C, H, W]`` (one per image):
 
-* ``map2d(A) = sum_c A[:, c]``, the channel sum that the pictures show (SPEC.md sec. 3).
+* ``map2d(A) = sum_c A[:, c]``, the channel sum that the pictures show (docs/maths.md,
+  'Visualisation').
 * ``region_share(A, region) = sum_{region} |A| / sum |A|`` (over channels and pixels): the share
   of the absolute attribution that falls in a region, e.g. the training-occlusion patch or the
   background outside an object mask. 0 for an all-zero map. Scale-free, so methods with

@@ -23,7 +23,7 @@ def _gated(ctx: RuleContext, node, dy: str, exact: str, is_relu: bool,
            mask: str | None = None) -> str:
     act = Activation(z=node.input[0], y=node.output[0], upstream=dy, exact=exact,
                      is_relu=is_relu, mask=mask)
-    return ctx.method.activation(ctx, act)
+    return ctx.activation(ctx, act)
 
 
 @rule("Relu")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -12,9 +12,6 @@ from onnx import helper
 from ..builder import GraphBuilder
 from ..errors import UnsupportedModelError
 from ..geometry import unbroadcast_axes
-
-if TYPE_CHECKING:
-    from ..methods import Method
 
 Rule = Callable[..., list]
 RULES: dict[str, Rule] = {}
@@ -82,22 +79,32 @@ class Unpooled:
 
 
 class RuleContext:
-    """Everything a rule may read: static shapes, constants, options; and the builder to emit."""
+    """Everything a rule may read: static shapes, constants, the method's gate at activations
+    (``activation``) and its rule overrides by op type (``overrides``); and the builder."""
 
     def __init__(self, builder: GraphBuilder, shapes: dict, constants: dict[str, np.ndarray],
-                 active: set[str], method: "Method", *, padding_trick: bool, prr: bool,
-                 opset: int, max_unpool: bool = False):
+                 active: set[str], activation: Callable[["RuleContext", "Activation"], str], *,
+                 overrides: Mapping[str, Rule] | None = None, opset: int,
+                 max_unpool: bool = False):
         self.g = builder
         self.shapes = shapes
         self.constants = constants
         self.active = active
-        self.method = method
-        self.padding_trick = padding_trick
-        self.prr = prr
+        self.activation = activation
+        self.overrides = dict(overrides or {})
         self.opset = opset
         self.max_unpool = max_unpool  # MaxUnpool for disjoint max pools (onnxruntime CPU only)
         # gradient name -> how it came out of a max pool with disjoint windows (rules/pool.py)
         self.unpooled: dict[str, "Unpooled"] = {}
+        self.warnings: list[str] = []  # for the user, e.g. layers whose gate closes entirely
+
+    def rule_for(self, op_type: str) -> Rule:
+        """The backward rule of ``op_type``: the method's override, else the table's."""
+        return self.overrides.get(op_type) or RULES[op_type]
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     # -- facts about forward tensors -------------------------------------------------------------
     def shape(self, name: str) -> tuple | None:
@@ -261,7 +268,7 @@ def gated(ctx: RuleContext, node: onnx.NodeProto, upstream: str, exact: str,
     whose exact vector-Jacobian product is ``exact``."""
     act = Activation(z=node.input[0], y=node.output[0], upstream=upstream, exact=exact,
                      is_relu=is_relu)
-    return ctx.method.activation(ctx, act)
+    return ctx.activation(ctx, act)
 
 
 def unsupported_input(node: onnx.NodeProto, input_index: int, why: str) -> UnsupportedModelError:

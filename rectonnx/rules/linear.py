@@ -7,11 +7,15 @@ With ``dY`` the gradient of the output:
   constant weight, emitted as the equal and faster ``Conv(dY, W')``, ``W'`` = ``W`` flipped with
   in/out channels swapped (geometry.flipped_kernel), except when X has fewer than
   ``FEW_CHANNELS`` channels (an RGB input): onnxruntime pads a Conv's output channels to its
-  NCHWc block of 8 or 16, and the ConvTranspose is then faster. With the padding trick,
-  ``dY`` is first multiplied by the mask that zeroes output positions reading padding.
+  NCHWc block of 8 or 16, and the ConvTranspose is then faster.
   With spatial sizes known only at run time (symbolic H, W), the ConvTranspose has only the
   begin pads (for SAME padding computed from ``Shape(X)``) and its result is fitted to
-  ``Shape(X)``; the padding-trick mask is then ``Conv(ones, ones_kernel) == prod(kernel)``.
+  ``Shape(X)``.
+* The padding trick (``padding_trick_conv``, a rule override the method registry installs):
+  ``dY`` is first multiplied by a mask. ``"exact"``: 0 at output positions whose receptive
+  field covers padding (with run-time sizes: ``Conv(ones, ones_kernel) == prod(kernel)``);
+  ``"border"`` (the authors' code): 0 on a one-position border of every convolution whose
+  output has TensorFlow's SAME size ``ceil(n / s)`` (geometry.border_mask).
 * Gemm ``Y = a A' B' + b C``:  ``dA' = a dY B'^T``, ``dB' = a A'^T dY``, ``dC = unbroadcast(b dY)``.
 * MatMul ``Y = A B``:           ``dA = unbroadcast(dY B^T)``, ``dB = unbroadcast(A^T dY)``.
 * Add/Sub/Sum:                  ``dA = unbroadcast(dY)``, ``dB = unbroadcast(+-dY)``.
@@ -24,9 +28,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..geometry import (conv_transpose_geometry, explicit_pads, flipped_kernel,
+from ..errors import UnsupportedModelError
+from ..geometry import (border_mask, conv_transpose_geometry, explicit_pads, flipped_kernel,
                         flipped_kernel_pads, padding_trick_mask)
-from .base import RuleContext, rule, unsupported_input
+from .base import Rule, RuleContext, rule, unsupported_input
 
 
 @rule("Conv")
@@ -48,9 +53,6 @@ def conv_backward(ctx: RuleContext, node, grads, *, auto_pad, dilations, group, 
     out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
     pads = explicit_pads(auto_pad, pads, in_sizes, kernel, strides, dilations)
     g = ctx.g
-    if ctx.padding_trick and any(pads):
-        mask = padding_trick_mask(in_sizes, out_sizes, kernel, strides, dilations, pads)
-        dy = g.Mul(dy, g.const(mask, "padding_trick_mask"), hint="masked")
     weight = ctx.constant(w)
     flipped_pads = flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads)
     if weight is not None and flipped_pads is not None and not _few_channels(weight, group):
@@ -101,18 +103,6 @@ def _conv_backward_dynamic(ctx: RuleContext, node, dy: str, *, kernel, strides, 
     same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     explicit = None if same else explicit_pads(auto_pad, pads, [None] * rank, kernel, strides,
                                                dilations)
-    if ctx.padding_trick and (same or any(explicit)):
-        spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([rank + 2], "end"))
-        ones = g.ConstantOfShape(g.Concat(g.ints([1, 1], "one_one"), spatial, axis=0),
-                                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
-                                 hint="ones")
-        window = {"auto_pad": auto_pad} if same else {"pads": explicit}
-        taps = g.Conv(ones, g.const(np.ones([1, 1] + kernel, np.float32), "ones_kernel"),
-                      kernel_shape=kernel, strides=strides, dilations=dilations, hint="taps",
-                      **window)
-        inside = g.Cast(g.Equal(taps, g.scalar(float(np.prod(kernel)))), to=TensorProto.FLOAT,
-                        hint="padding_trick_mask")
-        dy = g.Mul(dy, inside, hint="masked")
     weight = ctx.constant(w)
     if weight is not None and all(s == 1 for s in strides) and not same \
             and not _few_channels(weight, group):
@@ -131,6 +121,69 @@ def _conv_backward_dynamic(ctx: RuleContext, node, dy: str, *, kernel, strides, 
                              kernel_shape=kernel, hint="spread")
     begins = ctx.same_pad_begins(x, kernel, strides, dilations, auto_pad) if same else None
     return ctx.fit_to_shape_of(spread, x, begins=begins)
+
+
+def padding_trick_conv(mode: str, inner: Rule = conv_backward) -> Rule:
+    """The Conv rule ``inner`` with the padding trick ``mode`` ("exact" or "border") applied to
+    the output gradient first (module docstring)."""
+    def rule_with_padding_trick(ctx: RuleContext, node, grads, **attributes):
+        (dy,) = grads
+        mask = _padding_trick_mask(ctx, node, mode, **attributes)
+        if mask is not None:
+            dy = ctx.g.Mul(dy, mask, hint="masked")
+        return inner(ctx, node, [dy], **attributes)
+    return rule_with_padding_trick
+
+
+def _padding_trick_mask(ctx: RuleContext, node, mode: str, *, auto_pad, dilations, group,
+                        kernel_shape, pads, strides) -> str | None:
+    """The mask of ``node``'s output gradient under the padding trick, or None (no mask)."""
+    g = ctx.g
+    x, w = node.input[0], node.input[1]
+    rank = ctx.rank(x, node) - 2
+    kernel = list(kernel_shape or ctx.static_shape(w, node, slice(2, None)))
+    strides = list(strides or [1] * rank)
+    dilations = list(dilations or [1] * rank)
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    if ctx.has_static_sizes(x, node.output[0]):
+        in_sizes = ctx.static_shape(x, node, slice(2, None))
+        out_sizes = ctx.static_shape(node.output[0], node, slice(2, None))
+        if mode == "border":
+            mask = border_mask(in_sizes, out_sizes, strides)
+        else:
+            explicit = explicit_pads(auto_pad, pads, in_sizes, kernel, strides, dilations)
+            mask = padding_trick_mask(in_sizes, out_sizes, kernel, strides, dilations,
+                                      explicit) if any(explicit) else None
+        if mask is None:
+            return None
+        if not mask.any():
+            ctx.warn(f"the padding trick ({mode}) zeroes the whole output gradient of Conv "
+                     f"node {node.name!r} (every {'x'.join(map(str, out_sizes))} output "
+                     "position reads padding at this input size), so the map is zero "
+                     "wherever it depends on that layer: use a larger input or "
+                     "padding_trick=False")
+        return g.const(mask, "padding_trick_mask")
+    if mode == "border":
+        raise UnsupportedModelError(
+            f"Conv node {node.name!r}: padding_trick='border' decides from the spatial sizes "
+            "whether a convolution is SAME-shaped, and this model's sizes are known only at run "
+            "time: export it with a fixed image size, or use padding_trick='exact'",
+            [(node.op_type, node.name)])
+    explicit = None if same else explicit_pads(auto_pad, pads, [None] * rank, kernel, strides,
+                                               dilations)
+    if not same and not any(explicit):
+        return None
+    # run-time sizes: a Conv of ones with a ones kernel counts each window's real taps
+    spatial = g.Slice(g.Shape(x), g.ints([2], "start"), g.ints([rank + 2], "end"))
+    ones = g.ConstantOfShape(g.Concat(g.ints([1, 1], "one_one"), spatial, axis=0),
+                             value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+                             hint="ones")
+    window = {"auto_pad": auto_pad} if same else {"pads": explicit}
+    taps = g.Conv(ones, g.const(np.ones([1, 1] + kernel, np.float32), "ones_kernel"),
+                  kernel_shape=kernel, strides=strides, dilations=dilations, hint="taps",
+                  **window)
+    return g.Cast(g.Equal(taps, g.scalar(float(np.prod(kernel)))), to=TensorProto.FLOAT,
+                  hint="padding_trick_mask")
 
 
 def flipped_kernel_plan(in_sizes, out_sizes, kernel, strides, dilations, pads):

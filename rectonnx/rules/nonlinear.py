@@ -35,7 +35,7 @@ What the gates mean here: ``deconvnet`` passes ``relu(dY)``; ``guided_backprop``
 ``relu(f'(z) dY)``, which for a monotone ``f`` (``f' >= 0``) is ``f'(z) relu(dY)``; for the
 non-monotone Gelu, Swish, Mish and HardSwish, where ``f' < 0`` for some negative ``z`` (e.g.
 ``z < -0.75`` for Gelu), it passes negative upstream signal there. RectGrad keeps
-``f'(z) dY`` where ``y dY > tau`` (SPEC.md sec. 2).
+``f'(z) dY`` where ``y dY > tau`` (docs/maths.md, 'Activations other than ReLU').
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@
   onnxruntime's CPU provider; emitted only for ``runtime="onnxruntime-cpu"`` (OpenVINO has no
   MaxUnpool). Either way the gradient is noted in ``RuleContext.unpooled``, with the placement
   as a function: RectGrad then takes the percentile from the pooled scores and gates before the
-  placement (methods._pooled_threshold), the ReLU below masks on the pooled grid
+  placement (gates._pooled_threshold), the ReLU below masks on the pooled grid
   (activation.relu_backward).
-* MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``):
+* MaxPool with the proportional redistribution rule (paper App. C.2, option ``prr``; the
+  override ``prr_max_pool_backward`` that the method registry installs):
   ``z = AveragePool(X) + 1e-10``, ``c = AveragePool^T(dY / z)``, ``dX = X c`` — the gradient is
   spread over each window in proportion to the activations.
 * AveragePool: ``Y[o] = sum_{i in window(o), i real} X[i] / div[o]``, so
@@ -121,19 +122,6 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
     dy = grads[0]
     x = node.input[0]
     g = ctx.g
-    if ctx.prr:
-        kernel, strides, pads, dilations = _window(ctx, node, x, kernel_shape, strides, pads,
-                                                   auto_pad, dilations)
-        if any(d != 1 for d in dilations):
-            raise unsupported_input(node, 0, "is max-pooled with dilations; the proportional "
-                                    "redistribution rule needs an undilated pool")
-        z = g.AveragePool(x, kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil_mode,
-                          count_include_pad=0, hint="prr_mean")
-        z = g.Add(z, g.scalar(PRR_EPSILON), hint="prr_mean")
-        share = average_pool_transpose(ctx, node, g.Div(dy, z, hint="prr_ratio"), x,
-                                       kernel=kernel, strides=strides, pads=pads,
-                                       ceil_mode=ceil_mode, count_include_pad=0)
-        return [g.Mul(x, share, hint="dx")]
     if storage_order:
         raise unsupported_input(node, 0, "is max-pooled with storage_order=1; not supported")
     indices = ctx.ensure_output(node, 1, f"{node.name or node.output[0]}/indices")
@@ -163,6 +151,27 @@ def max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dil
         ctx.unpooled[dx] = Unpooled(x, node.output[0], dy, spread)
     return [dx]
 
+
+
+def prr_max_pool_backward(ctx: RuleContext, node, grads, *, auto_pad, ceil_mode, dilations,
+                          kernel_shape, pads, storage_order, strides):
+    """The proportional redistribution rule (``prr=True``, a rule override the method registry
+    installs for MaxPool): ``z = AveragePool(x) + eps``, ``dX = x * AveragePool^T(dY / z)``."""
+    dy = grads[0]
+    x = node.input[0]
+    g = ctx.g
+    kernel, strides, pads, dilations = _window(ctx, node, x, kernel_shape, strides, pads,
+                                               auto_pad, dilations)
+    if any(d != 1 for d in dilations):
+        raise unsupported_input(node, 0, "is max-pooled with dilations; the proportional "
+                                "redistribution rule needs an undilated pool")
+    z = g.AveragePool(x, kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil_mode,
+                      count_include_pad=0, hint="prr_mean")
+    z = g.Add(z, g.scalar(PRR_EPSILON), hint="prr_mean")
+    share = average_pool_transpose(ctx, node, g.Div(dy, z, hint="prr_ratio"), x,
+                                   kernel=kernel, strides=strides, pads=pads,
+                                   ceil_mode=ceil_mode, count_include_pad=0)
+    return [g.Mul(x, share, hint="dx")] + [None] * (len(node.input) - 1)
 
 def _unpool_pads(ctx: RuleContext, node, x, kernel_shape, strides, pads, auto_pad,
                  ceil_mode) -> list[int] | None:

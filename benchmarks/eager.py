@@ -1,4 +1,5 @@
-"""Eager PyTorch baselines: RectGrad by autograd-function gating, and Captum's GuidedBackprop.
+"""Eager PyTorch baselines: RectGrad by autograd-function gating, Captum's GuidedBackprop and
+Saliency.
 
 ``TorchRectGrad`` swaps every ``nn.ReLU`` of a module for a ReLU whose backward is the paper's
 rule ``R_z = I(y R > tau) R`` with ``tau`` the per-sample q-th percentile of ``y R`` (torch.topk
@@ -87,3 +88,18 @@ class CaptumGuided:
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor):
         return self.method.attribute(x, target=target)
+
+
+class CaptumSaliency(CaptumGuided):
+    """Captum's Saliency (the signed gradient, ``abs=False``) on the given ``target``."""
+
+    def __init__(self, net: nn.Module):
+        from captum.attr import Saliency
+
+        self.net = copy.deepcopy(net).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.method = Saliency(self.net)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+        return self.method.attribute(x, target=target, abs=False)

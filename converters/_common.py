@@ -1,20 +1,13 @@
-"""What every converter shares: importing the framework with an error that says what to install,
-naming the batch axis, and checking and saving the result."""
+"""What every converter shares: importing the framework with an error that says what to install
+(``rectonnx.errors.require``), naming the batch axis, and checking and saving the result."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import onnx
 
-
-def require(module: str, install: str):
-    """``import module``, or an ImportError that tells the user how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"this converter needs {module}: {install}") from None
+from ..errors import require  # noqa: F401  (the converters import it from here)
 
 
 def name_batch_axis(model: onnx.ModelProto, name: str = "N") -> None:

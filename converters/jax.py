@@ -36,8 +36,8 @@ def export(function, input_shape: tuple[int, ...], path: str | Path | None = Non
            opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Export ``function`` (a Flax NNX module or a JAX callable) for inputs of one sample's
     shape ``input_shape`` and return the ONNX model; save it if ``path``."""
-    jax2onnx = require("jax2onnx", INSTALL)
-    nnx = require("flax.nnx", INSTALL)
+    jax2onnx = require("jax2onnx", "jax", "rectonnx.converters.jax", INSTALL)
+    nnx = require("flax.nnx", "jax", "rectonnx.converters.jax", INSTALL)
     if not callable(function):
         raise TypeError(f"expected a flax.nnx.Module or a JAX function, got "
                         f"{type(function).__name__}")

@@ -21,7 +21,7 @@ import onnx
 from ._common import finish, name_batch_axis, require
 
 DEFAULT_OPSET = 17
-INSTALL = "pip install 'rectonnx[keras]'"
+WHAT = "rectonnx.converters.keras"
 
 
 def export(model, path: str | Path | None = None, *, input_shape: tuple[int, ...] | None = None,
@@ -32,9 +32,9 @@ def export(model, path: str | Path | None = None, *, input_shape: tuple[int, ...
     ``input_shape`` is the shape of one sample (no batch axis); by default the model's own
     input shape. The batch axis of the ONNX model is symbolic (``N``).
     """
-    keras = require("keras", INSTALL)
-    tf = require("tensorflow", INSTALL)
-    tf2onnx = require("tf2onnx", INSTALL)
+    keras = require("keras", "keras", WHAT)
+    tf = require("tensorflow", "keras", WHAT)
+    tf2onnx = require("tf2onnx", "keras", WHAT)
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
     if keras.backend.backend() != "tensorflow":

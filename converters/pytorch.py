@@ -25,7 +25,7 @@ def export(model, example_input, path: str | Path | None = None, *, input_name: 
            output_name: str = "logits", opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = True) -> onnx.ModelProto:
     """Export ``model`` (a ``torch.nn.Module``) and return the ONNX model; save it if ``path``."""
-    torch = require("torch", "pip install 'rectonnx[torch]'")
+    torch = require("torch", "torch", "rectonnx.converters.pytorch")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training

@@ -22,7 +22,7 @@ import onnx.utils
 from ._common import finish, name_batch_axis, require
 
 DEFAULT_OPSET = 17
-INSTALL = "pip install 'rectonnx[sklearn]'"
+WHAT = "rectonnx.converters.sklearn"
 SCORES = "probabilities"
 
 
@@ -30,9 +30,9 @@ def export(classifier, path: str | Path | None = None, *, input_name: str = "inp
            opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Export ``classifier`` (a fitted ``MLPClassifier``) and return the ONNX model; save it if
     ``path``. The one output is ``probabilities``, ``[N, n_classes]``."""
-    neural_network = require("sklearn.neural_network", INSTALL)
-    skl2onnx = require("skl2onnx", INSTALL)
-    data_types = require("skl2onnx.common.data_types", INSTALL)
+    neural_network = require("sklearn.neural_network", "sklearn", WHAT)
+    skl2onnx = require("skl2onnx", "sklearn", WHAT)
+    data_types = require("skl2onnx.common.data_types", "sklearn", WHAT)
     if not isinstance(classifier, neural_network.MLPClassifier):
         raise TypeError(f"expected a sklearn.neural_network.MLPClassifier, got "
                         f"{type(classifier).__name__}")

@@ -67,8 +67,9 @@ import numpy as np
 from .builder import GraphBuilder
 from .errors import UnsupportedModelError
 from .gates import Method, exact_gradient, gradient_only, times_input
+from .graphs import rename
 from .rules.base import Activation, Rule, RuleContext
-from .threshold import DEFAULT_ALGORITHM, percentile_threshold
+from .threshold import DEFAULT_ALGORITHM, DEFAULT_RECALL, percentile_threshold
 
 INTEGRATION_RULES = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid",
                      "gausslegendre")
@@ -109,8 +110,9 @@ class Copies:
                 f"{list(shape)}: export the model with a dynamic batch axis (e.g. "
                 "rectonnx.converters.pytorch.export)", [])
         batched_x, batched_logits = g.fresh("copies/input"), g.fresh("copies/logits")
-        _rename(norm.graph, x, batched_x, outputs=False)
-        _rename(norm.graph, logits, batched_logits, outputs=True)
+        # in the nodes only: the graph's input x stays, and feeds the copies
+        rename(norm.graph, x, batched_x, in_outputs=False, in_graph_io=False)
+        rename(norm.graph, logits, batched_logits, in_graph_io=False)
         first = len(g.nodes)
         g.scope("copies")
         stacked = g.Concat(g.Unsqueeze(x, g.ints([1], "axis")), self.make(g, x, shape), axis=1,
@@ -150,15 +152,6 @@ def _no_copies(g: GraphBuilder, x: str, shape: Shape) -> str:
 
 
 SINGLE = Copies(1, (1.0,), _no_copies)  # every other method: the sample alone
-
-
-def _rename(graph, old: str, new: str, *, outputs: bool) -> None:
-    """Rename ``old`` in the nodes' inputs (and outputs) only: the graph's own input stays."""
-    for node in graph.node:
-        for names in ((node.input, node.output) if outputs else (node.input,)):
-            for i, name in enumerate(names):
-                if name == old:
-                    names[i] = new
 
 
 def merge_copies(g: GraphBuilder, t: str) -> str:
@@ -276,10 +269,11 @@ def epsilon_rule(inner: Rule, epsilon: float) -> Rule:
 
 
 def final_threshold(g: GraphBuilder, attribution: str, shape: Shape, percentile: float,
-                    algorithm: str = DEFAULT_ALGORITHM) -> str:
-    """Keep ``attribution`` where it exceeds its per-sample ``percentile``; zero elsewhere."""
+                    algorithm: str = DEFAULT_ALGORITHM, recall: float = DEFAULT_RECALL) -> str:
+    """Keep ``attribution`` where it exceeds its per-sample ``percentile``; zero elsewhere
+    (``recall``: for ``algorithm="approx"``)."""
     g.scope("final_threshold")
-    tau = percentile_threshold(g, attribution, shape, percentile, algorithm)
+    tau = percentile_threshold(g, attribution, shape, percentile, algorithm, recall=recall)
     return g.Where(g.Greater(attribution, tau), attribution, g.scalar(0.0), hint="kept")
 
 

@@ -661,6 +661,14 @@ class Summary:
         return "\n".join(lines)
 
 
+def _spatial_size(attribution: np.ndarray, layout: str) -> tuple[int, ...]:
+    """The height and width of one image's map (``layout`` CHW or HWC); a layer attribution
+    (option wrt) has its layer's, which may differ from the image's (no overlay then)."""
+    if attribution.ndim == 2:
+        return attribution.shape
+    return attribution.shape[1:] if layout == "CHW" else attribution.shape[:2]
+
+
 class ResultWriter:
     """Turns explained images into files and manifest lines (in the order they come)."""
 
@@ -721,10 +729,12 @@ class ResultWriter:
             if layers:  # layer_outputs: the map at every activation, one compressed file
                 files["layers"] = self.output.write(f"{item.name}_layers.npz",
                                                     write_npz(layers))
-            if self.write_png:
+            drawable = attribution.ndim in (2, 3)  # a layer attribution (wrt) may be any rank
+            if self.write_png and drawable:
                 files["heatmap"] = self.output.write(
                     f"{item.name}.png", write_png(heatmap_rgb(attribution, layout=self.layout)))
-            if self.write_overlay and display is not None:
+            if self.write_overlay and display is not None and drawable and \
+                    _spatial_size(attribution, self.layout) == display.shape[:2]:
                 files["overlay"] = self.output.write(
                     f"{item.name}_overlay.png",
                     write_png(overlay_rgb(display, attribution, layout=self.layout)))

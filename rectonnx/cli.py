@@ -88,6 +88,9 @@ def _default_text(option: Option) -> str:
                 if option in entry.all_options()}
     if option.name == "padding_trick":
         return "exact for rectgrad, off otherwise"
+    if option.name in ("layer", "wrt"):
+        return "the last feature map before the pooling" if option.name == "layer" \
+            else "the input"
     value = next(iter(defaults)) if len(defaults) == 1 else option.default
     return "none" if value is None else str(value)
 
@@ -107,7 +110,7 @@ def _click_option(option: Option):
     if option.kind == "choice":
         return click.option(option.flag, option.name, type=click.Choice(option.choices),
                             default=None, help=help_text)
-    kind = int if option.kind == "int" else float
+    kind = {"int": int, "text": str}.get(option.kind, float)
     return click.option(option.flag, option.name, type=kind, default=None, help=help_text)
 
 
@@ -143,13 +146,13 @@ def split_spec(kwargs: dict) -> tuple[str | None, dict]:
     return method, given
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="rectonnx")
 def main():
     """Explain any ONNX image classifier with Rectified Gradient and friends."""
 
 
-@main.command()
+@main.command(short_help="Write MODEL's explainer graph (one ONNX file).")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the explainer graph (.onnx).")
@@ -172,10 +175,12 @@ def rewrite(model, output, input_name, output_name, **kwargs):
                f"{time.perf_counter() - started:.2f} s")
 
 
-@main.command()
+@main.command(short_help="Inputs, outputs and ops of MODEL; which are supported.")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--input-name", default=None)
-@click.option("--output-name", default=None)
+@click.option("--input-name", default=None,
+              help="The image input, for models with several inputs.")
+@click.option("--output-name", default=None,
+              help="The score output, for models with several outputs.")
 @friendly_errors
 def info(model, input_name, output_name):
     """Inputs, outputs, operators of MODEL, and which ops rectonnx can differentiate.
@@ -189,7 +194,7 @@ def info(model, input_name, output_name):
         raise RectonnxError(f"{model} cannot be rewritten: {problem}")
 
 
-@main.command()
+@main.command(short_help="Attribution maps of images, folders, globs and lists.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -208,8 +213,10 @@ def info(model, input_name, output_name):
 @click.option("--format", "fmt", type=click.Choice(["npy", "npz", "shards"]), default="npy",
               show_default=True, help="One .npy or compressed .npz per image, or sharded .npz "
                                       "files of --shard-size maps.")
-@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Maps per .npz file with --format shards.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Images per run of the explainer (lowered to fit --memory-budget).")
 @click.option("--memory-budget", default=None,
               help="Lower the batch size so activations fit, e.g. 2GB.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -231,15 +238,33 @@ def info(model, input_name, output_name):
               help="Ray: explainer actors (default: one per CPU, or per GPU with --gpus).")
 @click.option("--gpus", "gpus_per_actor", type=click.FloatRange(0), default=0.0,
               help="Ray: GPUs per actor (e.g. 1, or 0.5 to share one).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar.")
+@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A token model: IMAGES are text files (one text per line) encoded with "
+                   "this tokenizers JSON file; writes per-token scores to manifest.jsonl and "
+                   "tokens.html.")
 @friendly_errors
 def explain(model, images, out_dir, input_name, output_name, target, size, resize, mean, std,
             preset, fmt, shard_size, batch_size, memory_budget, device, workers, max_pixels, png,
-            overlay, use_ray, ray_address, actors, gpus_per_actor, progress, **kwargs):
-    """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL."""
-    from .batch import explain_images, preprocess_for
+            overlay, use_ray, ray_address, actors, gpus_per_actor, progress, tokenizer,
+            **kwargs):
+    """Explain every image in IMAGES (files, directories, globs, .txt lists) with MODEL.
+
+    With --tokenizer, IMAGES are text files and MODEL a token model (one text per line)."""
+    from .batch import explain_images, preprocess_for, providers_for
 
     method, given = split_spec(kwargs)
+    if tokenizer is not None:
+        from .text import explain_texts
+
+        with echoed_warnings():
+            summary = explain_texts(model, images, out_dir, tokenizer=tokenizer, method=method,
+                                    input_name=input_name, output_name=output_name,
+                                    target=target, batch_size=batch_size,
+                                    providers=providers_for(device), **given)
+        click.echo(summary.text())
+        return
     with echoed_warnings():
         preprocess = preprocess_for(model, size=size, resize=resize, mean=mean, std=std,
                                     preset=preset)
@@ -267,13 +292,14 @@ def explain(model, images, out_dir, input_name, output_name, target, size, resiz
         sys.exit(2)
 
 
-@main.command("export-triton")
+@main.command("export-triton", short_help="Write MODEL as a Triton model repository entry.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--repo", required=True, type=click.Path(file_okay=False),
               help="Triton model repository to write into.")
 @click.option("--name", default=None, help="Model name in the repository (default: the "
                                            "file's stem and the method, e.g. resnet_rectgrad).")
-@click.option("--version", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--version", type=click.IntRange(1), default=1, show_default=True,
+              help="Model version: the numbered directory to write (Triton serves the highest).")
 @spec_options
 @click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True,
               help="Largest batch Triton forms (0: no batching, dims include the batch).")
@@ -299,9 +325,16 @@ def export_triton(model, repo, name, version, input_name, output_name, max_batch
                          overwrite=force, **given)
     click.echo(f"wrote {written.model_file} and {written.config_file}")
     click.echo(written.summary())
+    from .serve import model_config_schema, validate_config
+
+    if model_config_schema() is None:
+        click.echo("config.pbtxt not validated: pip install 'rectonnx[serve]'")
+    else:
+        validate_config(written.config_file.read_text())
+        click.echo("config.pbtxt validated against Triton's model config schema")
 
 
-@main.command()
+@main.command(short_help="Compare the methods on the shipped models and photos.")
 @click.option("--out", "out_dir", default="rectonnx-demo", show_default=True,
               type=click.Path(file_okay=False), help="Where to write the pictures.")
 @friendly_errors
@@ -313,7 +346,7 @@ def demo(out_dir):
         click.echo(line)
 
 
-@main.command()
+@main.command(short_help="Run the paper's experiments; write a report directory.")
 @click.option("--out", "out_dir", default="rectonnx-eval", show_default=True,
               type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--cifar10", type=click.Path(exists=True, file_okay=False), default=None,
@@ -321,42 +354,54 @@ def demo(out_dir):
 @click.option("--paper", is_flag=True, help="The paper's protocol: 20 epochs, 3 networks per "
               "ROAR/KAR point trained from scratch, width 1, more data (a day or more on two "
               "CPU cores; hours with --device cuda).")
+@click.option("--quick", is_flag=True, help="A smoke run in about a minute on two CPU cores: "
+              "3000 training and 500 test images, 5 epochs, 3 methods, every experiment but "
+              "occlusion, ROAR/KAR at fraction 0.5 only (the other options still override). It "
+              "shows that everything runs; its numbers mean little.")
 @click.option("--train-size", type=click.IntRange(10), default=None,
-              help="Training images [2000; --paper: 20000 or all of CIFAR-10].")
+              help="Training images [1000; --paper: 20000 or all of CIFAR-10].")
 @click.option("--test-size", type=click.IntRange(10), default=None,
               help="Test images [500; --paper: 2000 or all of CIFAR-10].")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs [10].")
 @click.option("--width", type=click.FloatRange(0.05), default=None,
-              help="Channel multiplier of the paper's CNN [0.5; --paper: 1].")
+              help="Channel multiplier of the paper's CNN [1; --quick: 0.5].")
+@click.option("--network", default=None,
+              help="auto: reuse the shipped paper CNN (models/paper_cnn_digits.onnx, 0.93) "
+              "when the data and width match it, else train; train: always train; or an ONNX "
+              "paper CNN's path [auto; --paper, --quick: train].")
 @click.option("--retrain", type=click.Choice(["finetune", "scratch"]), default=None,
               help="ROAR/KAR networks: fine-tuned from the trained one, or from scratch "
               "(the paper) [finetune].")
 @click.option("--retrain-epochs", type=click.IntRange(1), default=None,
-              help="Epochs of ROAR/KAR fine-tuning [2] (scratch uses --epochs).")
+              help="Epochs of ROAR/KAR fine-tuning [1] (scratch uses --epochs).")
 @click.option("--repeats", type=click.IntRange(1), default=None,
-              help="Networks per ROAR/KAR point [1].")
+              help="Networks per ROAR/KAR point, differing in seed [3; --quick: 1].")
 @click.option("--roar-target", type=click.Choice(["predicted", "label"]), default=None,
               help="Class whose maps rank the pixels in ROAR/KAR [predicted].")
-@click.option("--fractions", default=None, help="ROAR/KAR fractions [0.1,0.3,0.5,0.7,0.9].")
+@click.option("--fractions", default=None, help="ROAR/KAR fractions [0.1,0.5,0.9; --paper: "
+              "0.1,0.3,0.5,0.7,0.9].")
 @click.option("--methods", default=None, help="Comma-separated methods [random,saliency,"
               "grad_input,guided_backprop,smoothgrad,integrated_gradients,deeplift,rectgrad].")
 @click.option("--experiments", default=None, help="Comma-separated subset of occlusion,noise,"
-              "roar_kar,sensitivity,q_sweep,layers [all].")
+              "roar_kar,sensitivity,q_sweep,layers,sanity,deletion [all].")
 @click.option("--seed", type=int, default=None, help="Seed of data, training and noise [0].")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads of the main process [1].")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Processes that retrain ROAR/KAR networks in parallel [CPU cores; 1 on GPU].")
 @click.option("--device", default=None, help="Torch device for training, e.g. cuda [cpu].")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show progress bars.")
 @friendly_errors
-def evaluate(out_dir, paper, **options):
+def evaluate(out_dir, paper, quick, **options):
     """Reproduce the paper's experiments (Table 1, Figures 6-9) and write a report directory."""
     from .evaluate import configure, run
 
-    config = configure(out=out_dir, paper=paper, **options)
-    results = run(config, command="rectonnx " + " ".join(sys.argv[1:]))
-    click.echo(f"wrote {Path(out_dir) / 'summary.md'} in {results['timings_s']['total']:.0f} s")
+    config = configure(out=out_dir, paper=paper, quick=quick, **options)
+    results = run(config, command="rectonnx " + " ".join(sys.argv[1:]),
+                  warn=lambda message: click.echo(f"warning: {message}", err=True))
+    click.echo(f"wrote {Path(out_dir) / 'summary.md'} in {results['timings_s']['total']:.0f} s"
+               + ("; it repeats the warning above" if results.get("warnings") else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graphs import consumers, producers
+
 SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Softplus", "Neg",
               "Exp"}
 CORES = {"Erf", "Tanh", "Sigmoid"}
@@ -66,11 +68,8 @@ class _Graph:
     def __init__(self, graph: onnx.GraphProto, path_nodes, constants):
         self.nodes = list(path_nodes)
         self.order = {id(n): i for i, n in enumerate(self.nodes)}
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.producer = producers(self.nodes)
+        self.consumers = consumers(graph)
         self.outputs = {o.name for o in graph.output}
         self.constants = constants
 

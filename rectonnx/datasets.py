@@ -131,9 +131,10 @@ def digits_on_photos(
 @functools.lru_cache(maxsize=None)
 def _digit_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
     """The split's 8x8 digit scans as float32 in [0, 1] and their labels."""
-    from sklearn.datasets import load_digits
+    from .errors import require
 
-    data = load_digits()
+    data = require("sklearn.datasets", "evaluate", "rectonnx.datasets.digits_on_photos") \
+        .load_digits()
     part = slice(0, TRAIN_DIGITS) if split == "train" else slice(TRAIN_DIGITS, None)
     images = (data.images[part] / 16.0).astype(np.float32)
     return images, data.target[part].astype(np.int64)
@@ -197,14 +198,17 @@ def _place_digits(
 def _photo_bank() -> tuple[np.ndarray, np.ndarray]:
     """All photos downscaled to a short side of 96, zero-padded into ``[P, H, W, 3]`` float32
     in [0, 1], and their true ``(height, width)`` ``[P, 2]``."""
-    import skimage.data
-    from skimage.transform import resize
-    from sklearn.datasets import load_sample_images
+    from .errors import require
+
+    what = "rectonnx.datasets.digits_on_photos"
+    skimage_data = require("skimage.data", "evaluate", what)
+    resize = require("skimage.transform", "evaluate", what).resize
+    load_sample_images = require("sklearn.datasets", "evaluate", what).load_sample_images
 
     samples = load_sample_images()
     by_name = dict(zip((os.path.basename(f) for f in samples.filenames), samples.images))
     photos = [by_name[name] for name in SKLEARN_PHOTOS]
-    photos += [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS]
+    photos += [getattr(skimage_data, name)() for name in SKIMAGE_PHOTOS]
 
     small = []
     for photo in photos:

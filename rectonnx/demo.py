@@ -29,6 +29,7 @@ COLUMNS = (
     Column("Grad * Input", "grad_input", {}),
     Column("Deconvnet", "deconvnet", {}),
     Column("Guided BP", "guided_backprop", {}),
+    Column("Grad-CAM", "gradcam", {}),
     Column("RectGrad q=98", "rectgrad", {"q": 98.0, "padding_trick": True}),
     Column("RectGrad + PRR", "rectgrad", {"q": 98.0, "padding_trick": True, "prr": True}),
 )

@@ -28,16 +28,14 @@ import numpy as np
 
 from .batch import (FORMATS, Item, Job, OutputDir, ResultWriter, Summary, _explain_groups,
                     fit_preprocess_to_model, job_settings, load_item, parse_bytes, sidecar)
-from .errors import RectonnxError
+from .errors import RectonnxError, require
 from .images import Preprocess, iter_image_paths
 
 
 def _ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise RectonnxError("Ray is not installed: pip install 'rectonnx[ray]'") from None
+    """The ``ray`` module with Ray Data, or MissingDependencyError naming the ``ray`` extra."""
+    ray = require("ray", "ray", "rectonnx.distributed (explain --ray)")
+    require("ray.data", "ray", "rectonnx.distributed (explain --ray)")
     return ray
 
 

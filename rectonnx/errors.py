@@ -28,3 +28,23 @@ class InputError(RectonnxError, ValueError):
 
 class ExecutionError(RectonnxError, RuntimeError):
     """onnxruntime could not load or run a graph; the message says where and what to try."""
+
+
+class MissingDependencyError(RectonnxError, ImportError):
+    """An optional package is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, what: str, install: str | None = None):
+    """``import module`` and return it, or raise MissingDependencyError naming the extra:
+    ``<what> needs <module>: pip install 'rectonnx[<extra>]'`` (``install``: another command,
+    for packages an extra cannot install)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        command = install or f"pip install 'rectonnx[{extra}]'"
+        inner = getattr(exc, "name", None)
+        broken = f" (it cannot import {inner})" if inner and \
+            inner.split(".")[0] != module.split(".")[0] else ""
+        raise MissingDependencyError(f"{what} needs {module}{broken}: {command}") from None

@@ -39,8 +39,9 @@ from typing import Any, Callable, Mapping
 
 from .builder import GraphBuilder
 from .rules.base import Activation, Rule, RuleContext, Unpooled, masked
-from .threshold import (DEFAULT_ALGORITHM, percentile_rank, percentile_threshold,
-                        percentile_threshold_of_sparse, sparse_shortcut_applies)
+from .threshold import (DEFAULT_ALGORITHM, DEFAULT_RECALL, percentile_rank,
+                        percentile_threshold, percentile_threshold_of_sparse,
+                        sparse_shortcut_applies)
 
 ActivationRule = Callable[[RuleContext, Activation], str]
 Finish = Callable[[GraphBuilder, str, str], str]
@@ -52,7 +53,10 @@ class Method:
     ``wraps``: per op type, a function that takes the backward rule below it and returns the
     rule to use (a method's own rules, e.g. epsilon-LRP's at Conv; the settings' overrides,
     the padding trick and PRR, come below them, methods.build); ``copies``: copies of each
-    sample (``baselines.Copies``; None: the sample alone)."""
+    sample (``baselines.Copies``; None: the sample alone); ``wrt``: the tensor the backward
+    stops at and ``finish`` receives as ``x`` (None: the data input; layer attribution);
+    ``cam``: a class activation map (cam.py): the backward stops at ``wrt`` (None: the default
+    CAM layer), ``finish`` returns ``[N, 1, h, w]`` and rewrite resizes it to the input."""
 
     name: str
     activation: ActivationRule
@@ -61,6 +65,8 @@ class Method:
     options: dict = field(default_factory=dict)
     wraps: Mapping[str, Callable[[Rule], Rule]] = field(default_factory=dict)
     copies: Any = None
+    wrt: str | None = None
+    cam: bool = False
 
 
 # -- gates at activations ----------------------------------------------------------------------
@@ -77,9 +83,11 @@ def guided_gate(ctx: RuleContext, act: Activation) -> str:
 
 
 def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORITHM,
-                   q_tensor: str | None = None) -> ActivationRule:
+                   q_tensor: str | None = None,
+                   recall: float = DEFAULT_RECALL) -> ActivationRule:
     """RectGrad: keep the gradient where the importance score ``y R`` exceeds ``tau``
-    (``threshold`` names the algorithm for the percentile; both give the same tau;
+    (``threshold`` names the algorithm for the percentile: topk and bisect give the same tau,
+    approx estimates it from a subsample keeping a share ``recall`` of the exact gate's units;
     ``q_tensor`` names a graph input that sets ``q`` at run time)."""
     def gate(ctx: RuleContext, act: Activation) -> str:
         g = ctx.g
@@ -93,8 +101,8 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
                          f"for q = {q:g}: its threshold is the layer's maximum, which no unit "
                          "exceeds, so nothing passes it and the map is zero wherever it depends "
                          f"on that layer (use q <= {_largest_q_passing(size):g}, or tau)")
-        sparse = tau is None and threshold == "topk" and q_tensor is None
-        pooled = _pooled_threshold(ctx, act, q) if sparse else None
+        sparse = tau is None and threshold in ("topk", "approx") and q_tensor is None
+        pooled = _pooled_threshold(ctx, act, q, threshold, recall) if sparse else None
         if pooled is not None and act.is_relu:
             # R is a max pool's dY placed at the arg-maxes (zero elsewhere, where y R = 0 is
             # not above tau >= 0): gate dY on the pooled grid, then place it.
@@ -104,7 +112,8 @@ def rectified_gate(q: float, tau: float | None, threshold: str = DEFAULT_ALGORIT
         if pooled is not None:
             cut = pooled[2]
         elif tau is None:
-            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor)
+            cut = percentile_threshold(g, scores, ctx.shape(act.y), q, threshold, q_tensor,
+                                       recall)
         else:
             cut = g.scalar(tau, hint="tau")
         return _kept(g, passed, scores, cut, allowed)
@@ -119,8 +128,9 @@ def _kept(g: GraphBuilder, passed: str, scores: str, cut: str, allowed: str | No
     return masked(g, passed, above, hint="rectgrad")
 
 
-def _pooled_threshold(ctx: RuleContext, act: Activation,
-                      q: float) -> "tuple[Unpooled, str, str] | None":
+def _pooled_threshold(ctx: RuleContext, act: Activation, q: float,
+                      threshold: str = DEFAULT_ALGORITHM,
+                      recall: float = DEFAULT_RECALL) -> "tuple[Unpooled, str, str] | None":
     """When ``y`` feeds only a max pool with disjoint windows: the pool, its scores ``Y * dY``
     and the percentile taken from them (threshold.percentile_threshold_of_sparse); else None."""
     unpooled = ctx.unpooled_from(act.upstream, act.y)
@@ -132,7 +142,8 @@ def _pooled_threshold(ctx: RuleContext, act: Activation,
         return None
     g = ctx.g
     scores = g.Mul(unpooled.y, unpooled.dy, hint="pooled_importance")
-    cut = percentile_threshold_of_sparse(g, scores, len(ctx.shape(act.y)), pooled_size, size, q)
+    cut = percentile_threshold_of_sparse(g, scores, len(ctx.shape(act.y)), pooled_size, size, q,
+                                         threshold, recall)
     return unpooled, scores, cut
 
 

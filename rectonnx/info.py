@@ -8,6 +8,7 @@ from collections import Counter
 import onnx
 
 from .artifact import read_stamp
+from .cam import default_cam_layer
 from .errors import RectonnxError
 from .normalize import TARGET_OPSET, ai_onnx_opset, load_model, normalize
 from .rules import RULES
@@ -20,6 +21,38 @@ def _value_text(info: onnx.ValueInfoProto) -> str:
     dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
             for d in tensor.shape.dim]
     return f"{info.name}: {dtype}[{', '.join(dims)}]"
+
+
+def attribution_lines(proto: onnx.ModelProto, norm, chosen_by_user: bool = False) -> list[str]:
+    """What ``rewrite`` attributes for each data input, and why."""
+    initializers = {t.name for t in proto.graph.initializer}
+    data = [i for i in proto.graph.input if i.name not in initializers]
+    used = {name for n in norm.graph.node for name in n.input}
+    how = "named by input_name" if chosen_by_user else (
+        "the only data input" if len(data) == 1 else
+        "the integer input whose embedding table has the most rows")
+    lines = ["attributed (option wrt names another tensor instead):"]
+    for info in data:
+        name = info.name
+        if name == norm.input_name and norm.embedding is not None:
+            table = norm.shapes.get(next(n.input[0] for n in norm.graph.node
+                                         if n.name == norm.embedding_node))
+            dims = "x".join("?" if d is None else str(d) for d in (table or ()))
+            lines.append(
+                f"  {name}: tokens ({how}): integer ids, so the attribution is taken at "
+                f"{norm.embedding!r}, the output of Gather {norm.embedding_node!r} of the "
+                f"float table [{dims}] (the first Gather whose indices depend on the ids' "
+                "values), and reduced over the embedding dimension to [N, T] (option "
+                "token_reduction: norm for gradients, sum for gradient x input)")
+        elif name == norm.input_name:
+            lines.append(f"  {name}: every value ({how}): a float input, so the attribution "
+                         "has its shape (pixels for an image)")
+        elif name in used:
+            lines.append(f"  {name}: not attributed: an other input of the explainer graph, "
+                         "fed as given (Explainer.explain(..., name=value))")
+        else:
+            lines.append(f"  {name}: not attributed and not needed")
+    return lines
 
 
 def coverage_report(model, *, input_name: str | None = None,
@@ -57,6 +90,7 @@ def coverage(model, *, input_name: str | None = None, output_name: str | None = 
             lines.append(f"cannot prepare the model for rewriting: {exc}")
         return "\n".join(lines), str(exc)
     node_names_filled(norm.graph)
+    lines += attribution_lines(proto, norm, chosen_by_user=input_name is not None)
     path_counts = Counter(n.op_type for n in norm.path_nodes)
     missing = unsupported_nodes(norm)
     lines.append(f"after normalisation to opset {TARGET_OPSET}: {len(norm.path_nodes)} nodes "
@@ -69,6 +103,14 @@ def coverage(model, *, input_name: str | None = None, output_name: str | None = 
         lines.append(f"unsupported: {len(missing)} node(s): {names}{more}")
     else:
         lines.append("supported: every op on the path has a backward rule")
+    layer = default_cam_layer(norm)
+    if layer is None:
+        lines.append("default CAM layer: none (no 4-D feature map before a global pooling or "
+                     "flatten; give gradcam/gradcam++/layercam a layer)")
+    else:
+        shape = norm.shapes.get(layer)
+        dims = ", ".join("?" if d is None else str(d) for d in shape) if shape else "?"
+        lines.append(f"default CAM layer (gradcam, gradcam++, layercam): {layer!r} [{dims}]")
     try:
         check_supported(norm)
     except RectonnxError as exc:

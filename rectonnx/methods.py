@@ -20,6 +20,19 @@ flag. The maths of each method: gates.py, baselines.py and docs/maths.md.
 | integrated_gradients | path integral from a baseline | Sundararajan et al. 2017 |
 | deeplift | Rescale rule against a baseline | Shrikumar et al. 2017 |
 | epsilon_lrp | the epsilon rule of layer-wise relevance | Bach et al. 2015 |
+| gradcam | ``relu(sum_k mean_ij(dS/dA_k) A_k)`` at a layer, resized | Selvaraju et al. 2017 |
+| gradcam++ | Grad-CAM with the closed-form ``alpha`` weights | Chattopadhay et al. 2018 |
+| layercam | ``relu(sum_k relu(dS/dA_k) A_k)``, resized | Jiang et al. 2021 |
+
+Option ``wrt`` (saliency, grad_input, rectgrad): the attribution with respect to an
+intermediate tensor instead of the input (its shape; Captum's ``LayerGradient``,
+``LayerGradientXActivation``); the backward walks only from the logits to that tensor. The CAM
+methods (cam.py) take ``layer`` (default: the last 4-D activation before the global pooling or
+flatten) and return ``[N, 1, H, W]`` maps at the input's spatial size.
+
+Token models (integer ids): the backward stops at the embedding output (or ``wrt``) and the
+common option ``token_reduction`` reduces ``[N, T, D]`` to ``[N, T]`` (``token_reduction()``;
+docs/maths.md, 'Token models'); the methods that run copies are refused there.
 """
 
 from __future__ import annotations
@@ -28,19 +41,31 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from . import baselines
+from . import baselines, cam
 from .gates import (Method, deconvnet_gate, exact_gradient, gradient_only, guided_gate,
                     positive_times_input, rectified_gate, times_input)
 from .options import Option, OptionError
 from .rules.base import RULES, Rule
 from .rules.linear import padding_trick_conv
 from .rules.pool import prr_max_pool_backward
-from .threshold import ALGORITHMS, DEFAULT_ALGORITHM
+from .threshold import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_RECALL
 
 if TYPE_CHECKING:
     from .spec import ExplanationSpec
 
 RUNTIMES = ("any", "onnxruntime-cpu")
+TOKEN_REDUCTIONS = ("auto", "norm", "sum", "none")
+# methods whose attribution multiplies by the input: per token, their sum over the embedding
+# dimension ("gradient dot input", as Google's LIT does); the others take the L2 norm
+TIMES_INPUT_METHODS = frozenset({"grad_input", "rectgrad", "integrated_gradients", "deeplift",
+                                 "epsilon_lrp"})
+
+
+def token_reduction(method: str, setting: str) -> str:
+    """The reduction over the embedding dimension that ``setting`` means for ``method``."""
+    if setting != "auto":
+        return setting
+    return "sum" if method in TIMES_INPUT_METHODS else "norm"
 
 # -- options every method takes ------------------------------------------------------------------
 COMMON_OPTIONS = (
@@ -55,8 +80,13 @@ COMMON_OPTIONS = (
            "Keep the attribution above this per-sample percentile and zero the rest (the "
            "paper's final thresholding uses 95).", low=0.0, high=100.0, nullable=True),
     Option("threshold", "choice", DEFAULT_ALGORITHM,
-           "Percentile algorithm of RectGrad's gate and the final threshold (same result): "
-           "topk is fastest on CPU; bisect uses no TopK (TensorRT-safe).", choices=ALGORITHMS),
+           "Percentile algorithm of RectGrad's gate and the final threshold: topk is fastest "
+           "on CPU; bisect uses no TopK (TensorRT-safe), same result; approx estimates each "
+           "percentile from a subsample of large layers (see recall).", choices=ALGORITHMS),
+    Option("recall", "float", DEFAULT_RECALL,
+           "threshold=approx only: the share of the units the exact threshold keeps that the "
+           "approximate one keeps too (per layer and sample, with probability >= 97.5 %); "
+           "a higher recall keeps more extra units.", low=0.0, high=1.0, open_low=True),
     Option("layer_outputs", "bool", False,
            "Also output attribution/<node>: the method's gradient at every activation's "
            "output (the paper's Figure 6)."),
@@ -64,6 +94,12 @@ COMMON_OPTIONS = (
            "Which runtimes the graph targets: 'any' uses ops every tested runtime runs; "
            "'onnxruntime-cpu' may also use MaxUnpool (faster there, absent from OpenVINO). "
            "Same attribution.", choices=RUNTIMES),
+    Option("token_reduction", "choice", "auto",
+           "Token models only (integer token ids, attributed at the embedding output "
+           "[N, T, D]): the per-token score [N, T] is the L2 norm over D ('norm') or the sum "
+           "over D ('sum', gradient dot input); 'auto' is sum for the methods that multiply "
+           "by the input (grad_input, rectgrad, ...) and norm for the others; 'none' keeps "
+           "[N, T, D]. Ignored for other models.", choices=TOKEN_REDUCTIONS),
 )
 
 # -- the methods' own options ----------------------------------------------------------------------
@@ -90,6 +126,12 @@ INTEGRATION = Option("integration", "choice", "riemann_right", "Integrated Gradi
                      "Captum's default).", choices=baselines.INTEGRATION_RULES)
 EPSILON = Option("epsilon", "float", 1e-4, "epsilon-LRP: the stabiliser epsilon.", low=0.0,
                  open_low=True)
+WRT = Option("wrt", "text", None, "Layer attribution: the name of the (normalised) graph's "
+             "tensor to attribute to instead of the input; the attribution has its shape.",
+             nullable=True)
+LAYER = Option("layer", "text", None, "Grad-CAM family: the 4-D feature map [N, K, h, w] "
+               "(a tensor name) the map is computed at; default: the last one before the "
+               "global pooling or flatten (`rectonnx info` names it).", nullable=True)
 
 
 @dataclass(frozen=True)
@@ -113,16 +155,23 @@ class MethodEntry:
         return self.defaults.get(option.name, option.default)
 
 
-def _simple(name: str, gate, finish, summary: str) -> MethodEntry:
-    return MethodEntry(name, summary, lambda s: Method(name, gate, finish, summary))
+def _simple(name: str, gate, finish, summary: str,
+            options: tuple[Option, ...] = ()) -> MethodEntry:
+    return MethodEntry(name, summary,
+                       lambda s: Method(name, gate, finish, summary, wrt=s.get("wrt")), options)
+
+
+def _cam(name: str, summary: str) -> MethodEntry:
+    return MethodEntry(name, summary, lambda s: Method(
+        name, exact_gradient, cam.FINISHES[name], summary, wrt=s["layer"], cam=True), (LAYER,))
 
 
 def _make_rectgrad(s: Mapping[str, Any]) -> Method:
     q, tau = s["q"], s["tau"]
     q_tensor = "q" if s["q_input"] else None
     summary = f"RectGrad, tau = {tau:g}" if tau is not None else f"RectGrad, q = {q:g}"
-    return Method("rectgrad", rectified_gate(q, tau, s["threshold"], q_tensor),
-                  positive_times_input, summary, {"q": q, "tau": tau})
+    return Method("rectgrad", rectified_gate(q, tau, s["threshold"], q_tensor, s["recall"]),
+                  positive_times_input, summary, {"q": q, "tau": tau}, wrt=s["wrt"])
 
 
 def _check_rectgrad(s: Mapping[str, Any], given: set) -> None:
@@ -134,6 +183,16 @@ def _check_rectgrad(s: Mapping[str, Any], given: set) -> None:
                           "threshold: drop tau")
 
 
+def check_common(s: Mapping[str, Any], given: set) -> None:
+    """Reject contradictions among the common options (every method; spec.py calls it)."""
+    if "recall" in given and s["threshold"] != "approx":
+        raise OptionError(f"option recall only applies to threshold=approx (threshold is "
+                          f"{s['threshold']}): drop recall or set threshold=approx")
+    if s["threshold"] == "approx" and s.get("q_input"):
+        raise OptionError("threshold=approx needs a fixed q: it does not take q_input (use "
+                          "threshold=topk with q_input)")
+
+
 def _check_integration(s: Mapping[str, Any], given: set) -> None:
     least = 1 if s["integration"] == "gausslegendre" else 2
     if s["steps"] < least:
@@ -142,13 +201,13 @@ def _check_integration(s: Mapping[str, Any], given: set) -> None:
 
 
 METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
-    _simple("saliency", exact_gradient, gradient_only, "signed input gradient"),
-    _simple("grad_input", exact_gradient, times_input, "input times gradient"),
+    _simple("saliency", exact_gradient, gradient_only, "signed input gradient", (WRT,)),
+    _simple("grad_input", exact_gradient, times_input, "input times gradient", (WRT,)),
     _simple("deconvnet", deconvnet_gate, gradient_only, "relu(R) at every activation"),
     _simple("guided_backprop", guided_gate, gradient_only,
             "gradient and upstream signal both positive"),
     MethodEntry("rectgrad", "Rectified Gradient: units whose importance y R exceeds a "
-                "per-layer percentile", _make_rectgrad, (Q, TAU, Q_INPUT),
+                "per-layer percentile", _make_rectgrad, (Q, TAU, Q_INPUT, WRT),
                 defaults={"padding_trick": "exact"}, check=_check_rectgrad),
     MethodEntry("smoothgrad", "saliency averaged over noisy copies",
                 lambda s: baselines.smoothgrad(s["samples"], s["sigma"], s["seed"]),
@@ -161,6 +220,9 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 lambda s: baselines.deeplift(s["baseline"]), (BASELINE,)),
     MethodEntry("epsilon_lrp", "layer-wise relevance, epsilon rule",
                 lambda s: baselines.epsilon_lrp(s["epsilon"]), (EPSILON,)),
+    _cam("gradcam", "Grad-CAM: channels weighted by their mean gradient at a layer"),
+    _cam("gradcam++", "Grad-CAM++: channels weighted by the closed-form alpha"),
+    _cam("layercam", "Layer-CAM: every position weighted by its positive gradient"),
 )}
 METHOD_NAMES = tuple(METHODS)
 

@@ -21,9 +21,11 @@ Steps, in order (each a small function; the op-level ones live in canonical_ops.
 7. trailing ``Softmax``/``LogSoftmax`` stripped, so the logits are the scores before it, and an
    ``[N, C, 1, 1]`` score map flattened to ``[N, C]``;
 8. shape inference, then the set of "active" tensors: floating-point tensors that depend on the
-   data input and lead to the logits. Only nodes producing active tensors need backward rules;
-   scores of 0 classes and control flow (If/Loop/Scan, whose subgraphs read outer tensors by
-   name) on that path are refused with UnsupportedModelError;
+   data input and lead to the logits; for integer token ids, on the output of their embedding
+   Gather instead (``embedding_gather``; docs/maths.md, 'Token models'). Only nodes
+   producing active tensors need backward rules; scores of 0 classes and control flow
+   (If/Loop/Scan, whose subgraphs read outer tensors by name) on that path are refused with
+   UnsupportedModelError;
 9. a fixed batch made symbolic where shape inference confirms it is safe, and composite
    activations (Gelu, SiLU, Mish spelt with several nodes) handed to the walker as one node
    each (composites.py).
@@ -45,6 +47,7 @@ from .canonical_ops import (decompose_newer_activations, einsum_to_matmul, fix_l
 from .composites import fuse_composites
 from .errors import InvalidModelError, UnsupportedModelError
 from .geometry import output_length
+from .graphs import consumers, is_large, join_light_copy, light_copy, producers, rename
 
 TARGET_OPSET = 17
 OUTPUT_IR_VERSION = 8  # the IR version that goes with opset 17; onnxruntime 1.17+ accepts it
@@ -56,7 +59,6 @@ SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 CONTROL_FLOW_OPS = {"If", "Loop", "Scan"}
 
 Dim = int | str | None
-LARGE_INITIALIZER = 4096  # elements; larger weights are left out of shape inference's copy
 
 
 @dataclass
@@ -71,6 +73,11 @@ class NormalizedModel:
     constants: dict[str, np.ndarray]
     active: set[str] = field(default_factory=set)
     path_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    upcast_from: str | None = None  # "float16" for a half-precision model run in float32
+    # token models: the float output of the Gather that embeds the integer input (the
+    # differentiable root: ``active``/``path_nodes`` start there), and that Gather's node
+    embedding: str | None = None
+    embedding_node: str | None = None
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -268,7 +275,7 @@ def _predicted_elements(model: onnx.ModelProto,
     graph = model.graph
     small, large = [], []
     for init in graph.initializer:
-        (large if np.prod(init.dims) > LARGE_INITIALIZER else small).append(init)
+        (large if is_large(init) else small).append(init)
     outputs = [o for n in nodes for o in n.output if o]
     sub = helper.make_graph(
         nodes, "fold_sizes",
@@ -289,6 +296,71 @@ def _predicted_elements(model: onnx.ModelProto,
             sizes[info.name] = int(np.prod([d.dim_value for d in tensor.shape.dim],
                                            dtype=np.float64))
     return sizes
+
+
+HALF_TYPES = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+
+
+def upcast_half_precision(graph: onnx.GraphProto) -> str | None:
+    """A float16/bfloat16 model in float32: its weights, inputs, outputs and Casts (the explainer
+    then computes and takes inputs in float32; the same graph otherwise). Returns the half type
+    it had ("float16", "bfloat16"), or None when the model has no half-precision tensor."""
+    found = set()
+
+    def upcast_type(tensor_type) -> None:
+        if tensor_type.elem_type in HALF_TYPES:
+            found.add(HALF_TYPES[tensor_type.elem_type])
+            tensor_type.elem_type = TensorProto.FLOAT
+
+    def upcast_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        found.add(HALF_TYPES[tensor.data_type])
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32),
+                                       tensor.name)
+
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.data_type in HALF_TYPES:
+            graph.initializer[i].CopyFrom(upcast_tensor(tensor))
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        upcast_type(info.type.tensor_type)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in HALF_TYPES:
+                found.add(HALF_TYPES[attribute.i])
+                attribute.i = TensorProto.FLOAT
+            elif attribute.type == onnx.AttributeProto.TENSOR and \
+                    attribute.t.data_type in HALF_TYPES:
+                attribute.t.CopyFrom(upcast_tensor(attribute.t))
+    if found:
+        del graph.value_info[:]  # re-inferred in float32
+    return "/".join(sorted(found)) or None
+
+
+def dequantize_constant_weights(graph: onnx.GraphProto) -> None:
+    """``DequantizeLinear`` of constant integers (a QDQ model's weights and biases) becomes its
+    float initializer ``(w - zero_point) * scale`` (per tensor, or per ``axis``): onnx's
+    reference evaluator, which folds the other constants, has no DequantizeLinear before
+    opset 19."""
+    values = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type != "DequantizeLinear" or not all(i in values for i in inputs) or \
+                any(a.name == "block_size" and a.i for a in node.attribute):
+            kept.append(node)
+            continue
+        w = numpy_helper.to_array(values[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(values[node.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(values[node.input[2]]).astype(np.float32) \
+            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
+        if scale.ndim == 1 and scale.size > 1 and w.ndim > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        real = ((w - zero) * scale).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(real, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def fold_constants(model: onnx.ModelProto, max_elements: int | None = None) -> None:
@@ -379,24 +451,6 @@ def _evaluate_into_initializers(model: onnx.ModelProto, indices: list[int]) -> N
 
 # ---------------------------------------------------------------------------------------------
 # 5. identities
-def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename tensor ``old`` to ``new`` everywhere in ``graph`` (nodes, outputs, value_info)."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
-    for collection in (graph.input, graph.output, graph.value_info):
-        for info in collection:
-            if info.name == old:
-                info.name = new
-    for init in graph.initializer:
-        if init.name == old:
-            init.name = new
-
-
 def remove_identities(graph: onnx.GraphProto) -> None:
     """Drop Identity and Dropout (inference mode: output 0 is the input)."""
     output_names = {o.name for o in graph.output}
@@ -410,12 +464,9 @@ def remove_identities(graph: onnx.GraphProto) -> None:
         graph.node.remove(node)
         if result in output_names:
             # keep the output's name: rename the producer's tensor instead
-            rename_tensor(graph, source, result)
+            rename(graph, source, result)
         else:
-            for other in graph.node:
-                for i, name in enumerate(other.input):
-                    if name == result:
-                        other.input[i] = source
+            rename(graph, result, source, in_outputs=False, in_graph_io=False)
 
 
 def drop_redundant_ceil_mode(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -464,8 +515,7 @@ def _ceil_mode_is_redundant(node: onnx.NodeProto, shapes) -> bool:
 # 6. batch normalisation
 def fold_batch_norms(graph: onnx.GraphProto) -> None:
     inits = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
-    producers = {o: n for n in graph.node for o in n.output}
+    readers, writers = consumers(graph), producers(graph)
     for node in list(graph.node):
         if node.op_type != "BatchNormalization" or not all(i in inits for i in node.input[1:5]):
             continue
@@ -477,8 +527,8 @@ def fold_batch_norms(graph: onnx.GraphProto) -> None:
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
         x = node.input[0]
-        conv = producers.get(x)
-        if (conv is not None and conv.op_type == "Conv" and len(consumers[x]) == 1
+        conv = writers.get(x)
+        if (conv is not None and conv.op_type == "Conv" and len(readers[x]) == 1
                 and conv.input[1] in inits and (len(conv.input) < 3 or conv.input[2] in inits)
                 and x not in {o.name for o in graph.output}):
             _fold_into_conv(graph, conv, node, scale, shift, inits)
@@ -524,14 +574,6 @@ def _rank_of(graph: onnx.GraphProto, name: str) -> int | None:
     return None
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    table: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            table.setdefault(name, []).append(node)
-    return table
-
-
 # ---------------------------------------------------------------------------------------------
 # 7. logits
 def choose_output(graph: onnx.GraphProto, output_name: str | None) -> str:
@@ -549,54 +591,25 @@ def choose_output(graph: onnx.GraphProto, output_name: str | None) -> str:
 def strip_score_normalisers(graph: onnx.GraphProto, output: str) -> str:
     """The logits tensor: ``output`` with trailing Softmax/LogSoftmax (and the reshapes around
     them that opset conversion adds) walked back over."""
-    producers = {o: n for n in graph.node for o in n.output}
+    writers = producers(graph)
     name = output
     while True:
         cursor = name
-        while cursor in producers and producers[cursor].op_type in SHAPE_ONLY_OPS:
-            cursor = producers[cursor].input[0]
-        if cursor in producers and producers[cursor].op_type in SCORE_NORMALISERS:
-            name = producers[cursor].input[0]
+        while cursor in writers and writers[cursor].op_type in SHAPE_ONLY_OPS:
+            cursor = writers[cursor].input[0]
+        if cursor in writers and writers[cursor].op_type in SCORE_NORMALISERS:
+            name = writers[cursor].input[0]
         else:
             return name
 
 
 # ---------------------------------------------------------------------------------------------
 # 8. shapes and the active path
-def split_large_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
-    """A light copy of ``model`` whose large weights are graph inputs of the same type and
-    shape, and those weights: the whole-model tools of onnx (checker, converter, shape
-    inference) then give the same result without serialising hundreds of MB."""
-    graph = model.graph
-    small, large = [], []
-    for init in graph.initializer:
-        (large if np.prod(init.dims) > LARGE_INITIALIZER else small).append(init)
-    light_graph = helper.make_graph(
-        list(graph.node), graph.name, list(graph.input) + [
-            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
-        list(graph.output), small, value_info=list(graph.value_info))
-    light = helper.make_model(light_graph, opset_imports=list(model.opset_import),
-                              ir_version=model.ir_version)
-    light.metadata_props.extend(model.metadata_props)
-    light.functions.extend(model.functions)
-    return light, large
-
-
-def join_large_initializers(light: onnx.ModelProto, large: list) -> onnx.ModelProto:
-    """Undo ``split_large_initializers`` on ``light`` (in place; returns it)."""
-    names = {t.name for t in large}
-    inputs = [i for i in light.graph.input if i.name not in names]
-    del light.graph.input[:]
-    light.graph.input.extend(inputs)
-    light.graph.initializer.extend(large)
-    return light
-
-
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its ``value_info`` filled by onnx's shape inference (data propagation on),
-    run on the light copy (``split_large_initializers``)."""
+    run on the light copy (``graphs.light_copy``)."""
     graph = model.graph
-    light, _ = split_large_initializers(model)
+    light, _ = light_copy(model)
     del light.graph.value_info[:]
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -653,8 +666,11 @@ def active_path(graph: onnx.GraphProto, input_name: str, logits_name: str,
     depends = {input_name}
     for node, inputs in zip(graph.node, reads):  # topologically sorted (checked by onnx.checker)
         if any(i in depends for i in inputs):
+            # a quantizer's integer output carries the gradient to its DequantizeLinear
+            # (rules/quantize.py: the straight-through estimator)
             depends.update(o for o in node.output
-                           if o and types.get(o, TensorProto.FLOAT) in FLOAT_TYPES)
+                           if o and (types.get(o, TensorProto.FLOAT) in FLOAT_TYPES
+                                     or node.op_type == "QuantizeLinear"))
     needed = {logits_name}
     path: list[onnx.NodeProto] = []
     for node, inputs in zip(reversed(graph.node), reversed(reads)):
@@ -679,7 +695,7 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
         raise InvalidModelError("the model has no outputs")
     drop_initializer_inputs(proto)
     constant_nodes_to_initializers(proto.graph, max_folded_elements)
-    light, large = split_large_initializers(proto)
+    light, large = light_copy(proto)
     try:
         onnx.checker.check_model(light)
     except Exception as exc:
@@ -690,9 +706,11 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
     light = convert_opset(light)
     if source_opset <= 10:
         fix_legacy_resize(light.graph)
-    proto = join_large_initializers(light, large)
+    proto = join_light_copy(light, large)
     proto.ir_version = OUTPUT_IR_VERSION
     constant_nodes_to_initializers(proto.graph, max_folded_elements)
+    dequantize_constant_weights(proto.graph)
+    upcast = upcast_half_precision(proto.graph)
     fold_constants(proto, max_folded_elements)
     remove_identities(proto.graph)
     proto = drop_redundant_ceil_mode(proto)
@@ -706,6 +724,8 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
 
     init_names = {t.name for t in proto.graph.initializer}
     data_inputs = [i.name for i in proto.graph.input if i.name not in init_names]
+    if input_name is None and len(data_inputs) > 1:
+        input_name = token_input(proto.graph, data_inputs)
     if input_name is None:
         if len(data_inputs) != 1:
             raise InvalidModelError(f"the model has {len(data_inputs)} data inputs {data_inputs}: "
@@ -716,11 +736,16 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
 
     proto = infer_shapes(proto)
     shapes, types = shape_table(proto)
-    if types.get(input_name) != TensorProto.FLOAT:
+    embedding = None
+    if types.get(input_name) in INTEGER_TYPES:
+        embedding = embedding_gather(proto.graph, input_name)
+    if types.get(input_name) != TensorProto.FLOAT and embedding is None:
         raise InvalidModelError(
             f"input {input_name!r} has element type "
             f"{TensorProto.DataType.Name(types.get(input_name, 0))}; rectonnx explains float32 "
-            "inputs (export the model with a float input and do the uint8 scaling in front)")
+            "inputs (export the model with a float input and do the uint8 scaling in front), "
+            "or integer token ids that index a constant float embedding table (Gather)")
+    root = input_name if embedding is None else embedding.output[0]
     logits_shape = shapes.get(logits)
     if logits_shape is not None and len(logits_shape) == 4 and tuple(logits_shape[2:]) == (1, 1):
         flat = logits + "/flat"
@@ -737,7 +762,7 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
         raise UnsupportedModelError(f"the scores {logits!r} have 0 classes (shape "
                                     f"{list(logits_shape)}): there is no class to explain")
 
-    active, path = active_path(proto.graph, input_name, logits, types)
+    active, path = _active_from(proto.graph, root, logits, types)
     control = [(n.op_type, n.name or f"producing {n.output[0]!r}") for n in path
                if n.op_type in CONTROL_FLOW_OPS or subgraph_inputs(n)
                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -749,13 +774,78 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
             f"logits: {listing}; export the model without data-dependent control flow (trace "
             "it with the branch it takes, or fold constant conditions with onnx-simplifier)",
             control)
-    if input_name not in active:
+    if root not in active:
         raise InvalidModelError(f"the scores {logits!r} do not depend on input {input_name!r}")
     if symbolic_batch(proto, input_name, logits, active, infer_shapes,
-                      lambda m: split_large_initializers(m)[0]):
+                      lambda m: light_copy(m)[0]):
         proto = infer_shapes(proto)
         shapes, types = shape_table(proto)
-        active, path = active_path(proto.graph, input_name, logits, types)
+        active, path = _active_from(proto.graph, root, logits, types)
     constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     path = fuse_composites(proto.graph, path, constants)
-    return NormalizedModel(proto, input_name, logits, shapes, types, constants, active, path)
+    return NormalizedModel(proto, input_name, logits, shapes, types, constants, active, path,
+                           upcast, embedding=None if embedding is None else root,
+                           embedding_node=None if embedding is None else embedding.name)
+
+
+def _active_from(graph: onnx.GraphProto, root: str, logits: str,
+                 types: dict[str, int]) -> tuple[set[str], list[onnx.NodeProto]]:
+    """``active_path`` from ``root`` (the input, or a token model's embedding output, whose
+    Gather is then no path node)."""
+    active, path = active_path(graph, root, logits, types)
+    return active, [n for n in path if root not in n.output]
+
+
+# ---------------------------------------------------------------------------------------------
+# token inputs
+INTEGER_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                 TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8}
+SHAPE_READERS = {"Shape", "Size"}  # read a tensor's shape, not its values
+
+
+def value_dependents(graph: onnx.GraphProto, name: str) -> set[str]:
+    """Tensors whose values depend on the values of ``name`` (any element type; a ``Shape``
+    or ``Size`` of it depends on its shape only, e.g. BERT's position ids)."""
+    depends = {name}
+    for node in graph.node:
+        if node.op_type not in SHAPE_READERS and any(i in depends for i in node.input):
+            depends.update(o for o in node.output if o)
+    return depends
+
+
+def _float_table(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    table = next((t for t in graph.initializer if t.name == name), None)
+    if table is None or table.data_type not in FLOAT_TYPES or len(table.dims) != 2:
+        return None
+    return table
+
+
+def embedding_gather(graph: onnx.GraphProto, input_name: str) -> onnx.NodeProto | None:
+    """The embedding of integer input ``input_name``: the first Gather (topological order)
+    whose indices depend on its values and whose data is a constant float table ``[V, D]``
+    (axis 0); None when there is none."""
+    depends = value_dependents(graph, input_name)
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in depends \
+                and _float_table(graph, node.input[0]) is not None \
+                and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            return node
+    return None
+
+
+def token_input(graph: onnx.GraphProto, data_inputs: list[str]) -> str | None:
+    """Of several data inputs, the integer one whose embedding table has the most rows (the
+    token ids: BERT's token type ids index a 2-row table, the attention mask none); None when
+    there is no such input or two tie."""
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    rows = {}
+    for name in data_inputs:
+        if types.get(name) in INTEGER_TYPES:
+            node = embedding_gather(graph, name)
+            if node is not None:
+                rows[name] = _float_table(graph, node.input[0]).dims[0]
+    if not rows:
+        return None
+    most = max(rows.values())
+    best = [name for name, n in rows.items() if n == most]
+    return best[0] if len(best) == 1 else None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("float", "int", "bool", "choice", "padding", "baseline")
+KINDS = ("float", "int", "bool", "choice", "padding", "baseline", "text")
 PADDING_TRICKS = ("exact", "border")  # False (off) is the third value
 
 
@@ -27,7 +27,8 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Option:
     """One setting: ``kind`` is float, int, bool, choice (one of ``choices``), padding (False,
-    ``"exact"`` or ``"border"``) or baseline (a finite number or array). ``low``/``high`` bound
+    ``"exact"`` or ``"border"``), baseline (a finite number or array) or text (a non-empty
+    string without control characters, e.g. a tensor name). ``low``/``high`` bound
     numbers (``open_low``: strictly above ``low``); ``nullable``: None is a valid value (it
     means "not used", e.g. no final threshold)."""
 
@@ -59,6 +60,8 @@ class Option:
             text = "False, True (= 'exact'), 'exact' or 'border'"
         elif self.kind == "baseline":
             text = "a finite number or array that broadcasts to one sample"
+        elif self.kind == "text":
+            text = "a non-empty name"
         else:
             noun = "an integer" if self.kind == "int" else "a finite number"
             bounds = []
@@ -99,6 +102,10 @@ class Option:
             raise self._fail(value)
         if self.kind == "baseline":
             return self._baseline(value)
+        if self.kind == "text":
+            if isinstance(value, str) and value.strip() and value.isprintable():
+                return value
+            raise self._fail(value)
         return self._number(value)
 
     def _number(self, value):

@@ -2,12 +2,16 @@
 
 The emitted graph takes the model's data input and ``target`` (int64 ``[N]``, negative = the
 predicted class) and returns ``logits`` (``[N, C]``, before any Softmax) and ``attribution``
-(the input's shape). The backward pass is seeded with ``one_hot(target)`` on the logits, so it
+(the input's shape; with ``wrt`` the shape of that tensor; ``[N, 1, H, W]`` for the CAM
+methods, whose map at a layer is resized to the input, cam.py). The backward pass is seeded with ``one_hot(target)`` on the logits, so it
 computes ``dS/dx`` of the target score ``S``, modified at activations by the method. Methods that
 need several inputs per sample (SmoothGrad, Integrated Gradients, DeepLIFT) run the forward and
 backward graph on copies of each sample and combine their gradients (baselines.py). On request
 the graph also returns the gradient reaching every activation's output, ``attribution/<node>``
 (the paper's Figure 6), and the attribution can be thresholded at a percentile (Sec. 5.2).
+A token model (integer ids) is attributed at its embedding output and per token, ``[N, T]``
+(option ``token_reduction``); its other inputs (attention mask) stay graph inputs
+(docs/maths.md, 'Token models').
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from onnx import TensorProto, helper, numpy_helper
 from .artifact import describe_source, read_stamp, source_fingerprint, stamp
 from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
+from .cam import check_layer, default_cam_layer, upsampled
 from .errors import InvalidModelError, UnsupportedModelError
-from .methods import RUNTIMES, build, rules_of
-from .normalize import (OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, load_model, normalize,
-                        rename_tensor, split_large_initializers)
+from .methods import RUNTIMES, build, rules_of, token_reduction
+from .options import OptionError
+from .graphs import light_copy, prune, rename
+from .normalize import OUTPUT_IR_VERSION, TARGET_OPSET, NormalizedModel, load_model, normalize
 from .rules import RuleContext
 from .spec import ExplanationSpec, resolve
-from .walker import backpropagate, check_supported, node_names_filled
+from .walker import backpropagate, check_supported, node_names_filled, path_between
 
 LOGITS, ATTRIBUTION, TARGET, Q = "logits", "attribution", "target", "q"
 __all__ = ["rewrite", "RUNTIMES", "VanishingMapWarning", "LOGITS", "ATTRIBUTION", "TARGET", "Q"]
@@ -48,15 +54,20 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
         model: path, bytes or ``onnx.ModelProto`` of a classifier (opset 9+).
         method: a method name (``rectonnx.METHOD_NAMES``) or an ``ExplanationSpec``.
         input_name, output_name: which input is the image and which output holds the scores,
-            for models with several.
+            for models with several (default input of a token model: the integer input whose
+            embedding table has the most rows).
         options: the method's options, validated by ``ExplanationSpec`` (with a spec they
             change it): ``q``, ``tau``, ``q_input`` (rectgrad); ``samples``, ``sigma``,
             ``seed`` (smoothgrad); ``steps``, ``baseline``, ``integration``
-            (integrated_gradients); ``baseline`` (deeplift); ``epsilon`` (epsilon_lrp); and for
+            (integrated_gradients); ``baseline`` (deeplift); ``epsilon`` (epsilon_lrp);
+            ``wrt`` (saliency, grad_input, rectgrad: attribute to that tensor, docs/maths.md
+            'Layer attribution'); ``layer`` (gradcam, gradcam++, layercam: the feature map,
+            default found automatically, docs/maths.md 'Class activation maps'); and for
             every method ``padding_trick`` (False, "exact", "border"; rectgrad: "exact"),
-            ``prr``, ``final_percentile``, ``threshold`` ("topk" or the TensorRT-safe
-            "bisect"), ``layer_outputs`` (also output ``attribution/<node>``) and ``runtime``
-            ("any", or "onnxruntime-cpu" for its faster MaxUnpool). ``q_input=True`` makes q an
+            ``prr``, ``final_percentile``, ``threshold`` ("topk", the TensorRT-safe
+            "bisect", or "approx" from a subsample, with ``recall``), ``layer_outputs`` (also output ``attribution/<node>``) and ``runtime``
+            ("any", or "onnxruntime-cpu" for its faster MaxUnpool), and ``token_reduction``
+            (token models: "auto", "norm", "sum" or "none"). ``q_input=True`` makes q an
             optional graph input ``q`` (float64, ``[1]`` or ``[N]``, clipped to [0, 100], NaN
             = the default) whose default is ``q``. See docs/maths.md for every formula.
 
@@ -78,9 +89,12 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
     chosen = build(spec)
     norm = normalize(proto, input_name=input_name, output_name=output_name)
     node_names_filled(norm.graph)
-    check_supported(norm)
+    wrt = _stop_at(norm, chosen)
+    check_supported(norm, wrt)
     source_names = (norm.input_name, norm.logits_name)
     _reserve_contract_names(norm)
+    if wrt is not None and wrt in (source_names[1], TARGET, ATTRIBUTION, LOGITS, Q):
+        wrt = LOGITS if wrt == source_names[1] else f"model/{wrt}"
 
     graph = norm.graph
     taken = {name for n in graph.node for name in list(n.input) + list(n.output)}
@@ -97,13 +111,23 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
     differentiated = copies.feed(norm, g, LOGITS)
     g.scope("seed")
     seed = one_hot_seed(g, norm, LOGITS, TARGET)
-    grad_input = backpropagate(differentiated, ctx, copies.repeat(g, seed))
+    grad_input = backpropagate(differentiated, ctx, copies.repeat(g, seed), wrt)
     g.scope("attribution")
-    rank = len(norm.shapes.get(norm.input_name) or ())
-    attribution = chosen.finish(g, norm.input_name, copies.combine(g, grad_input, rank))
+    x = norm.input_name if wrt is None else wrt
+    rank = len(norm.shapes.get(x) or ())
+    attribution = chosen.finish(g, x, copies.combine(g, grad_input, rank))
+    attribution_shape = norm.shapes.get(x)
+    if norm.embedding is not None and rank == 3:
+        attribution, attribution_shape = per_token(
+            g, attribution, attribution_shape,
+            token_reduction(spec.method, settings["token_reduction"]))
+    if chosen.cam:
+        attribution = upsampled(g, attribution, norm.input_name)
+        attribution_shape = _cam_shape(norm.shapes.get(norm.input_name))
     if settings["final_percentile"] is not None:
-        attribution = final_threshold(g, attribution, norm.shapes.get(norm.input_name),
-                                      settings["final_percentile"], settings["threshold"])
+        attribution = final_threshold(g, attribution, attribution_shape,
+                                      settings["final_percentile"],
+                                      settings["threshold"], settings["recall"])
     g.Identity(attribution, outputs=[ATTRIBUTION])
     extra = []
     for node in norm.path_nodes if layer_outputs else ():
@@ -114,12 +138,71 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
                        outputs=[name])
             extra.append((name, shape))
     defaults = {Q: np.array([settings["q"]], np.float64)} if settings.get("q_input") else {}
-    explainer = assemble(norm, g, spec.method, extra, defaults)
+    explainer = assemble(norm, g, spec.method, extra, defaults,
+                         attribution_shape="input" if wrt is None else attribution_shape)
     stamp(explainer, spec, source_sha256=fingerprint, input_name=source_names[0],
-          output_name=source_names[1])
+          output_name=source_names[1], upcast_from=norm.upcast_from)
     for message in ctx.warnings:
         warnings.warn(VanishingMapWarning(message), stacklevel=2)
     return explainer
+
+
+def per_token(g: GraphBuilder, attribution: str, shape, reduction: str):
+    """A token model's ``[N, T, D]`` attribution reduced over ``D`` to ``[N, T]``: the L2 norm
+    (``"norm"``) or the sum (``"sum"``); ``"none"`` keeps it. Returns the tensor and its
+    shape."""
+    if reduction == "none":
+        return attribution, shape
+    axes = g.ints([-1], "embedding_axis")
+    if reduction == "sum":
+        reduced = g.ReduceSum(attribution, axes, keepdims=0, hint="per_token")
+    else:
+        squares = g.Mul(attribution, attribution, hint="squares")
+        reduced = g.Sqrt(g.ReduceSum(squares, axes, keepdims=0), hint="per_token")
+    return reduced, None if shape is None else tuple(shape[:2])
+
+
+def _stop_at(norm: NormalizedModel, method) -> str | None:
+    """The tensor the backward stops at: None for the input, the layer (or the default CAM
+    layer) for the CAM methods, ``wrt`` for layer attribution (validated: walker.path_between),
+    and for a token model without ``wrt`` its embedding output (normalize.embedding_gather)."""
+    if norm.embedding is not None and method.cam:
+        raise OptionError(f"{method.name} makes a map at the input's spatial size, which "
+                          f"token ids (input {norm.input_name!r}) do not have; use saliency, "
+                          "grad_input or rectgrad (per token)")
+    if norm.embedding is not None and not method.cam and method.wrt is None:
+        if method.copies is not None:
+            raise OptionError(
+                f"{method.name} runs copies of each sample (noise or a path from a baseline), "
+                f"which is not defined for the integer token ids of input "
+                f"{norm.input_name!r}; use saliency, grad_input, rectgrad, deconvnet, "
+                "guided_backprop or epsilon_lrp (attributed at the embedding output "
+                f"{norm.embedding!r})")
+        return norm.embedding
+    if not method.cam and method.wrt is None:
+        return None
+    option = "layer" if method.cam else "wrt"
+    wrt = method.wrt
+    if wrt is None:
+        wrt = default_cam_layer(norm)
+        if wrt is None:
+            raise UnsupportedModelError(
+                f"{method.name}: found no 4-D feature map before a global pooling or flatten "
+                "between the input and the logits; name the layer (option layer)", [])
+    if method.copies is not None:
+        raise OptionError(f"{method.name} runs copies of each sample and cannot stop at "
+                          f"option {option} = {wrt!r}")
+    path_between(norm, wrt, option)  # validates the name
+    if method.cam:
+        check_layer(norm, wrt)
+    return None if wrt == norm.input_name and not method.cam else wrt
+
+
+def _cam_shape(input_shape):
+    """``[N, 1, H, W]`` of an input ``[N, C, H, W]``."""
+    if input_shape is None or len(input_shape) != 4:
+        return None
+    return (input_shape[0], 1, *input_shape[2:])
 
 
 def _recording(method, layers: dict[str, str]):
@@ -146,7 +229,7 @@ def _tensor_exists(graph: onnx.GraphProto, name: str) -> bool:
 
 
 def _rename_everywhere(norm: NormalizedModel, old: str, new: str) -> None:
-    rename_tensor(norm.graph, old, new)
+    rename(norm.graph, old, new)
     for table in (norm.shapes, norm.elem_types, norm.constants):
         if old in table:
             table[new] = table.pop(old)
@@ -179,9 +262,13 @@ def one_hot_seed(g: GraphBuilder, norm: NormalizedModel, logits: str, target: st
 
 def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
              extra_outputs: list[tuple[str, tuple | None]] = (),
-             defaults: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+             defaults: dict[str, np.ndarray] | None = None, *,
+             attribution_shape: tuple | None | str = "input") -> onnx.ModelProto:
     """The explainer model; ``defaults``: extra per-sample inputs (``[1]`` or ``[N]``) with
-    default values (graph inputs with an initializer of the same name)."""
+    default values (graph inputs with an initializer of the same name);
+    ``attribution_shape``: the attribution's shape when it is not the input's (a layer's
+    ``[N, ...]`` for ``wrt``, ``[N, 1, H, W]`` for the CAM methods; None: unknown); its batch
+    axis is the input's."""
     graph = norm.graph
     data_input = next(i for i in graph.input if i.name == norm.input_name)
     batch = data_input.type.tensor_type.shape.dim[0] if \
@@ -189,15 +276,30 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
     batch_dim = (batch.dim_param or batch.dim_value or "N") if batch is not None else "N"
     target_info = helper.make_tensor_value_info(TARGET, TensorProto.INT64, [batch_dim])
     logits_shape = norm.shapes.get(LOGITS)
+    shape = norm.shapes.get(norm.input_name)
+    if attribution_shape is None:
+        shape = None
+    elif attribution_shape != "input":
+        shape = (shape[0] if shape else batch_dim, *attribution_shape[1:])
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, logits_shape),
-               helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT,
-                                             norm.shapes.get(norm.input_name))]
+               helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT, shape)]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
                 for name, shape in extra_outputs]
     nodes = prune([*graph.node, *g.nodes], {o.name for o in outputs})
     used = {name for n in nodes for name in n.input}
     initializers = [t for t in [*graph.initializer, *g.initializers] if t.name in used]
     inputs = [data_input, target_info]
+    # the model's other inputs that the graph still reads (a token model's attention mask)
+    others = [i for i in graph.input if i.name in used and i.name != norm.input_name
+              and i.name not in {t.name for t in initializers}
+              and i.name not in (defaults or {})]
+    if others and norm.embedding is None:
+        raise InvalidModelError(
+            f"the scores depend on input(s) {[i.name for i in others]} besides "
+            f"{norm.input_name!r}; only token models (integer ids) keep other inputs (an "
+            "attention mask, token type ids) as inputs of the explainer graph: fix the other "
+            "inputs in the model (e.g. as constants)")
+    inputs += others
     for name, value in (defaults or {}).items():
         inputs.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(value.dtype), ["Q"]))
@@ -208,20 +310,8 @@ def assemble(norm: NormalizedModel, g: GraphBuilder, method_name: str,
                               ir_version=OUTPUT_IR_VERSION, producer_name="rectonnx")
     try:
         # the same check without serialising the large weights (they become typed inputs)
-        onnx.checker.check_model(split_large_initializers(model)[0], full_check=True)
+        onnx.checker.check_model(light_copy(model)[0], full_check=True)
     except Exception as exc:  # a bug in a rule, never the user's fault
         raise InvalidModelError(f"rectonnx built an invalid explainer graph (please report): "
                                 f"{str(exc).splitlines()[0]}") from exc
     return model
-
-
-def prune(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Keep the nodes that the outputs need, in their original (topological) order."""
-    needed = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    return kept

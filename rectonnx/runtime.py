@@ -21,13 +21,14 @@ import warnings
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
 from .errors import ExecutionError, InputError, InvalidModelError
+from .graphs import light_copy, prune
 from .rewrite import ATTRIBUTION, LOGITS, Q, TARGET, rewrite
 from .spec import ExplanationSpec, resolve
 
@@ -148,7 +149,8 @@ def activation_bytes_per_sample(graph: onnx.ModelProto) -> int:
     as onnxruntime's sequential executor does: the largest total alive at once, per sample,
     times ``ALLOCATOR_OVERHEAD``. The weights, shared by every sample, are not counted.
     """
-    light = _without_large_initializers(graph)
+    light, _ = light_copy(graph)
+    del light.graph.value_info[:]  # inferred afresh
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     data_input = next(i for i in graph.graph.input if i.name != TARGET)
     batch = data_input.type.tensor_type.shape.dim[0]
@@ -171,22 +173,6 @@ def activation_bytes_per_sample(graph: onnx.ModelProto) -> int:
         alive -= sum(per_sample.get(name, 0) for name in set(node.input)
                      if last_use.get(name) == i and name not in kept)
     return max(1, int(peak * ALLOCATOR_OVERHEAD))
-
-
-def _without_large_initializers(model: onnx.ModelProto, limit: int = 1024) -> onnx.ModelProto:
-    """A shallow copy where initializers of more than ``limit`` elements are typed inputs."""
-    graph = model.graph
-    small, large = [], []
-    for tensor in graph.initializer:
-        (large if int(np.prod(tensor.dims)) > limit else small).append(tensor)
-    listed = {i.name for i in graph.input}
-    inputs = list(graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type,
-                                                                     list(t.dims))
-                                  for t in large if t.name not in listed]
-    light = onnx.helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output),
-                                   small)
-    return onnx.helper.make_model(light, opset_imports=list(model.opset_import),
-                                  ir_version=model.ir_version)
 
 
 def chunk_size_for_budget(bytes_per_sample: int, memory_budget_mb: float) -> int:
@@ -246,12 +232,8 @@ def onnxruntime_reason(exc: BaseException) -> str:
 
 def _forward_only(graph: onnx.ModelProto) -> onnx.ModelProto:
     """The explainer graph cut down to what ``logits`` needs: the model's own forward pass."""
-    needed, kept = {LOGITS}, []
-    for node in reversed(graph.graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
+    kept = prune(graph.graph.node, [LOGITS])
+    needed = {LOGITS} | {i for node in kept for i in node.input if i}
     logits = next(o for o in graph.graph.output if o.name == LOGITS)
     inputs = [i for i in graph.graph.input if i.name in needed]
     initializers = [t for t in graph.graph.initializer if t.name in needed]
@@ -342,6 +324,15 @@ class Explainer:
                                                                memory_budget_mb))
         data_input = next(i for i in graph.graph.input if i.name != TARGET)
         self.input_name = data_input.name
+        self._input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            data_input.type.tensor_type.elem_type)
+        # a token model's graph takes integer ids (attributed at their embedding)
+        self.token_input = self._input_dtype.kind in "iu"
+        # the model's other inputs (a token model's attention mask, token type ids): one row
+        # per sample, given to explain() by name
+        self.other_inputs = {
+            i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+            for i in graph.graph.input if i.name not in (self.input_name, TARGET, Q)}
         self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None
                                  for d in data_input.type.tensor_type.shape.dim)
         logits = next(o for o in graph.graph.output if o.name == LOGITS)
@@ -350,6 +341,10 @@ class Explainer:
                         for name, o in ((LOGITS, logits), (ATTRIBUTION, attribution))}
         logits_dims = logits.type.tensor_type.shape.dim
         self.num_classes = (logits_dims[1].dim_value or None) if len(logits_dims) == 2 else None
+        # per-sample attribution shape when it is not the input's (layer attribution, CAM maps)
+        dims = attribution.type.tensor_type.shape.dim
+        self._attribution_shape = tuple(d.dim_value for d in dims[1:]) if dims and all(
+            d.HasField("dim_value") for d in dims[1:]) else None
         fixed_batch = self.input_shape[0] if self.input_shape else None
         self.batch_size = fixed_batch or batch_size
 
@@ -360,6 +355,8 @@ class Explainer:
     # -- checks ---------------------------------------------------------------------------------
     def check_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
+        if getattr(self, "token_input", False):
+            return self._check_ids(x)
         if x.dtype.kind in "iub":
             raise InputError(f"the batch has integer dtype {x.dtype}; the model takes float32 "
                              "values: scale/normalise the pixels first (see rectonnx.images)")
@@ -379,6 +376,43 @@ class Explainer:
             bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
             raise InputError(f"samples {np.flatnonzero(bad)[:10].tolist()} contain NaN or Inf")
         return np.ascontiguousarray(x)
+
+    def _check_ids(self, x: np.ndarray) -> np.ndarray:
+        """A token model's batch: integer ids ``[N, T]`` (the graph's integer type)."""
+        if x.dtype.kind not in "iu":
+            raise InputError(f"the batch has dtype {x.dtype}; this model takes integer token "
+                             f"ids (input {self.input_name!r})")
+        expected = self.input_shape
+        if x.ndim != len(expected) or any(e is not None and e != s
+                                          for e, s in zip(expected[1:], x.shape[1:])):
+            raise InputError(f"the batch has shape {list(x.shape)}; the model expects token "
+                             f"ids {_shape_text(expected)} (N = batch)")
+        if x.size and x.min() < 0:
+            raise InputError("the batch holds negative token ids")
+        return np.ascontiguousarray(x.astype(self._input_dtype, copy=False))
+
+    def check_other_inputs(self, given: Mapping, count: int) -> dict[str, np.ndarray]:
+        """The model's other inputs (``other_inputs``), each with ``count`` rows, in the
+        graph's dtype; a missing or unknown one is an InputError."""
+        unknown = sorted(set(given) - set(self.other_inputs))
+        if unknown:
+            raise InputError(f"the explainer graph has no input {', '.join(unknown)}; its other "
+                             f"inputs: {', '.join(self.other_inputs) or 'none'}")
+        missing = [name for name in self.other_inputs if name not in given]
+        if missing:
+            raise InputError(f"give the model's other input(s) {', '.join(missing)} by name: "
+                             f"explain(x, target, {missing[0]}=...)")
+        feeds = {}
+        for name, dtype in self.other_inputs.items():
+            value = np.asarray(given[name])
+            if value.ndim == 0 or len(value) != count:
+                raise InputError(f"input {name!r} has shape {list(value.shape)}; expected one "
+                                 f"row per sample ({count})")
+            if dtype.kind in "iu" and value.dtype.kind not in "iub":
+                raise InputError(f"input {name!r} has dtype {value.dtype}; the model takes "
+                                 f"{dtype}")
+            feeds[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        return feeds
 
     def check_target(self, target, count: int) -> np.ndarray:
         """``target`` (None, one class, or one per sample; negative = the predicted class) as
@@ -417,13 +451,30 @@ class Explainer:
         return array.astype(np.int64)
 
     # -- running ----------------------------------------------------------------------------------
-    def explain(self, x, target=None, *, q=None, progress: bool = False) -> Explanation:
+    def explain(self, x, target=None, *, q=None, progress: bool = False,
+                **other_inputs) -> Explanation:
         """Attribution maps and logits for the batch ``x`` (shape ``[N, ...]`` as the model).
         ``q``: RectGrad's percentile for this call (a number or one per sample), for graphs
         made with ``q_input=True``. Graphs made with ``layer_outputs=True`` also return the
-        maps at every activation (``Explanation.layers``)."""
+        maps at every activation (``Explanation.layers``).
+
+        A token model takes integer ids ``[N, T]`` and its other inputs by name
+        (``explain(ids, target, attention_mask=mask)``, names as ``other_inputs``), or one
+        dict of every input (``explain({"input_ids": ids, "attention_mask": mask})``, a
+        tokenizer's batch); its attribution is per token (``[N, T]``, option
+        ``token_reduction``)."""
+        if isinstance(x, Mapping):
+            if self.input_name not in x:
+                raise InputError(f"the dict of inputs has no {self.input_name!r} (keys: "
+                                 f"{', '.join(map(str, x))})")
+            other_inputs = {**{k: v for k, v in x.items() if k != self.input_name},
+                            **other_inputs}
+            x = x[self.input_name]
         x = self.check_batch(x)
         targets = self.check_target(target, len(x))
+        if self.other_inputs or other_inputs:
+            extra = self.check_other_inputs(other_inputs, len(x))
+            return self._explain_all_outputs(x, targets, q, extra)
         if q is not None or self.layer_names:
             return self._explain_all_outputs(x, targets, q)
         if 0 < len(x) <= self.batch_size and self.input_shape[0] in (None, len(x)):
@@ -436,7 +487,8 @@ class Explainer:
                 raise self._run_failure(exc, x) from None
             self._check_scores(logits, targets)
             return _explanation(attribution, logits, targets)
-        attribution = np.empty(x.shape, self._dtypes[ATTRIBUTION])
+        per_sample = self._attribution_shape or x.shape[1:]  # unknown: the input's
+        attribution = np.empty((len(x), *per_sample), self._dtypes[ATTRIBUTION])
         logits = None if self.num_classes is None else \
             np.empty((len(x), self.num_classes), self._dtypes[LOGITS])
         starts = range(0, len(x), self.batch_size)
@@ -458,9 +510,10 @@ class Explainer:
             self._check_scores(logits, targets)
         return _explanation(attribution, logits, targets)
 
-    def _explain_all_outputs(self, x: np.ndarray, targets: np.ndarray, q) -> Explanation:
-        """``explain`` with the ``q`` input fed and/or the layer outputs read (chunks are
-        concatenated; no IO binding)."""
+    def _explain_all_outputs(self, x: np.ndarray, targets: np.ndarray, q,
+                             extra: Mapping[str, np.ndarray] | None = None) -> Explanation:
+        """``explain`` with the ``q`` input fed and/or the layer outputs read, and the model's
+        other inputs (``extra``, per sample) fed (chunks are concatenated; no IO binding)."""
         feeds = {}
         if q is not None:
             if Q not in self.input_names:
@@ -477,6 +530,7 @@ class Explainer:
         for start in range(0, len(x), self.batch_size):
             stop = min(start + self.batch_size, len(x))
             chunk_feeds = {self.input_name: x[start:stop], TARGET: targets[start:stop]}
+            chunk_feeds.update({k: v[start:stop] for k, v in (extra or {}).items()})
             if Q in feeds:
                 chunk_feeds[Q] = feeds[Q] if feeds[Q].size == 1 else feeds[Q][start:stop]
             try:
@@ -512,6 +566,10 @@ class Explainer:
             return ExecutionError(f"onnxruntime ran out of memory on a batch of shape {shape} "
                                   f"({reason}); use a smaller batch_size (--batch-size) or a "
                                   "memory budget (--memory-budget)")
+        if self.other_inputs or self.token_input:  # the forward pass needs them all
+            return ExecutionError(f"onnxruntime failed on a batch of shape {shape}: {reason}"
+                                  + (" (token ids beyond the vocabulary?)"
+                                     if self.token_input and "indices" in reason else ""))
         try:
             forward = make_session(_forward_only(self.graph), ["CPUExecutionProvider"], 1)
         except onnxruntime_errors():

@@ -347,11 +347,27 @@ def model_config_schema():
 
 
 def parse_config(text: str):
-    """Parse ``config.pbtxt`` text into Triton's ``ModelConfig`` (needs ``tritonclient``)."""
+    """Parse ``config.pbtxt`` text into Triton's ``ModelConfig`` (needs ``tritonclient``; without
+    it a MissingDependencyError, an ImportError, names the ``serve`` extra)."""
     from google.protobuf import text_format
+
+    from .errors import MissingDependencyError
 
     schema = model_config_schema()
     if schema is None:
-        raise ImportError("Triton's model config schema comes with tritonclient: "
-                          "pip install 'rectonnx[serve]'")
+        raise MissingDependencyError("Triton's model config schema needs tritonclient: "
+                                     "pip install 'rectonnx[serve]'")
     return text_format.Parse(text, schema.ModelConfig())
+
+
+def validate_config(text: str):
+    """Check ``config.pbtxt`` text against Triton's own ``ModelConfig`` schema and return the
+    parsed config; ExportError with the parse error when it does not follow the schema
+    (MissingDependencyError without ``tritonclient``: ``model_config_schema()`` is None)."""
+    from google.protobuf import text_format
+
+    try:
+        return parse_config(text)
+    except text_format.ParseError as exc:
+        raise ExportError(f"config.pbtxt does not follow Triton's model config schema: "
+                          f"{' '.join(str(exc).split())}") from None

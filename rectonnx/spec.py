@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .methods import METHOD_NAMES, MethodEntry, all_options, build, entry, methods_taking
+from .methods import (METHOD_NAMES, MethodEntry, all_options, build, check_common, entry,
+                      methods_taking)
 from .options import OptionError, plain
 
 
@@ -47,6 +48,7 @@ class ExplanationSpec:
                 else option.check(chosen.default(option))
         if chosen.check is not None:
             chosen.check(settings, set(options))
+        check_common(settings, set(options))
         if method == "rectgrad" and settings["tau"] is not None:
             settings["q"] = None  # a constant threshold: no percentile
         object.__setattr__(self, "_method", method)
@@ -100,7 +102,9 @@ class ExplanationSpec:
         """One line for people: the method and the options that differ from no-op values."""
         shown = {k: v for k, v in self._settings.items()
                  if v not in (None, False) and not (k == "threshold" and v == "topk")
-                 and not (k == "runtime" and v == "any")}
+                 and not (k == "recall" and self._settings.get("threshold") != "approx")
+                 and not (k == "runtime" and v == "any")
+                 and not (k == "token_reduction" and v == "auto")}
         return self._method + (" (" + ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
                                + ")" if shown else "")
 
@@ -131,7 +135,11 @@ class ExplanationSpec:
         """The spec of ``to_dict`` output (None values mean the default)."""
         if not isinstance(data, Mapping) or "method" not in data:
             raise OptionError(f"not an explanation spec: {data!r}")
-        options = {k: v for k, v in data.items() if k != "method" and v is not None}
+        chosen = entry(data["method"])
+        defaults = {o.name: plain(o.check(chosen.default(o))) for o in chosen.all_options()}
+        # values equal to the defaults are not "given" (checks between given options hold)
+        options = {k: v for k, v in data.items() if k != "method" and v is not None
+                   and not (k in defaults and defaults[k] == v)}
         return cls(data["method"], **options)
 
     @classmethod
@@ -149,7 +157,7 @@ class ExplanationSpec:
         if method is not None and method != self._method:
             found.append(f"method: asked {method}, is {self._method}")
             return found
-        asked = ExplanationSpec(self._method, **options) if options else self
+        asked = self.replace(**options) if options else self  # in this spec's context
         for name in options:
             if asked._settings.get(name) != self._settings.get(name):
                 found.append(f"{name}: asked {_short(asked._settings.get(name))}, is "

@@ -23,19 +23,48 @@ which compare equal in ``s > tau``, may differ in sign bit):
   more its mantissa, each step one ``count(u >= candidate)``; every candidate ``2^E + i ulp(E)``
   is exactly representable, so the result is exact. Counts are float32 sums of 0/1, exact for
   ``M < 2^24`` elements per sample. About 35 elementwise passes: slower than TopK on CPU.
+
+One algorithm is approximate (docs/maths.md, 'A recall-targeted approximate threshold'):
+
+* ``"approx"``: ``tau`` from a subsample. For a rank ``k`` among ``M`` scores it takes
+  ``s = ceil(MU M / k)`` scores per sample (``MU = APPROX_EXPECTED_TOP``: about ``MU`` of them are
+  among the top ``k``), one from each of ``s`` equal strata of the flattened scores at an offset
+  from a golden-ratio (Weyl) sequence (``approx_positions``: all-integer, the same in numpy and
+  the graph, no aliasing with the layer's width or channels), and returns the ``k_s``-th largest
+  of the subsample with ``mu = k s / M`` and
+  ``k_s = min(s, ceil(r mu + Z sqrt(r mu)) + 1)``, ``r = recall``, ``Z = APPROX_Z = 2``.
+  The bound: let ``e = #(score > tau)`` be the units the exact gate keeps and ``m = ceil(r e)``.
+  If the approximate gate keeps fewer than ``r e`` of them, its ``tau'`` is at least the m-th
+  largest of those, so the subsample holds ``>= k_s`` of the top ``m <= r k`` scores (when the
+  scores above ``tau`` are distinct). For a subsample whose positions do not depend on the
+  values (a uniform random one; the stratified one for i.i.d. scores) that count is
+  hypergeometric with mean ``<= r mu`` and variance ``<= r mu``, and ``k_s`` is its mean plus
+  2 standard deviations plus 1: ``P(recall < r) <= 2.5 %`` per layer and sample (the exact
+  hypergeometric tail is 1.5-2.0 % for q in 95..99.5, M in 150k..800k, r in 0.5..1), so for
+  ``r < 1`` the expected recall exceeds ``r``. In exchange the gate keeps about ``k_s M / s ~ (r + Z
+  sqrt(r / MU)) k`` units (1.08 k at r = 0.95): a few more, the next most important. Below
+  ``APPROX_MIN_SIZE`` scores, or where ``s > M / APPROX_SAMPLE_RATIO``, the subsample saves
+  nothing and the exact ``"topk"`` threshold is used (equal bit for bit). With ``M`` known only
+  at run time the same rule (``s`` from ``q``) and the fallback are evaluated in the graph.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 from onnx import TensorProto
 
 from .builder import GraphBuilder
 
-ALGORITHMS = ("topk", "bisect")
+ALGORITHMS = ("topk", "bisect", "approx")
 DEFAULT_ALGORITHM = "topk"
+DEFAULT_RECALL = 0.95     # threshold="approx": the share of the exact gate's units to keep
+APPROX_MIN_SIZE = 16384   # below this many scores per sample "approx" is exact
+APPROX_SAMPLE_RATIO = 4   # ... and where the subsample would be over 1/4 of the scores
+APPROX_EXPECTED_TOP = 256  # MU: how many of the exact top k the subsample holds on average
+APPROX_Z = 2.0            # standard deviations of margin in the subsample's rank
 BLOCK_SELECT_MIN = 4096  # below this many scores per sample a single TopK is as fast
 COUNT_LIMIT = 2 ** 24    # float32 counts are exact below this
 
@@ -55,13 +84,15 @@ def check_algorithm(algorithm: str) -> str:
 
 
 def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: float,
-                         algorithm: str = DEFAULT_ALGORITHM, q_tensor: str | None = None) -> str:
+                         algorithm: str = DEFAULT_ALGORITHM, q_tensor: str | None = None,
+                         recall: float = DEFAULT_RECALL) -> str:
     """Per-sample threshold, shaped ``[N, 1, ..., 1]`` to broadcast against ``scores``.
 
     Every intermediate keeps the activation's rank (``[N, X, 1, ..., 1]``), reducing over axis
     1 with keepdims, so the result needs no final Reshape. With ``q_tensor`` (a float64 tensor
     of percentiles, ``[1]`` or one per sample ``[N]``) the percentile is read at run time and
     ``k`` computed per sample in the graph; ``q`` is then only the default for NaN entries.
+    ``recall`` is used by ``algorithm="approx"`` only (which takes no ``q_tensor``).
     """
     check_algorithm(algorithm)
     rank = len(shape) if shape is not None else None
@@ -70,6 +101,14 @@ def percentile_threshold(g: GraphBuilder, scores: str, shape: tuple | None, q: f
     tail = shape[1:]
     size = int(np.prod(tail)) if all(isinstance(d, int) for d in tail) else None
     ones = [1] * (rank - 2)
+    if algorithm == "approx":
+        if q_tensor is not None:
+            raise ValueError("threshold='approx' needs a fixed q, not a q input")
+        if approx_applies(size, q):
+            flat = g.Reshape(scores, g.ints([0, -1], "per_sample"), hint="scores_flat")
+            tau = approx_threshold(g, flat, size, q, recall)
+            return g.Reshape(tau, g.ints([-1, 1] + ones, "broadcast"), hint="tau")
+        algorithm = "topk"  # where the subsample saves nothing: exact
     if q_tensor is not None:
         flat = g.Reshape(scores, g.ints([0, -1], "per_sample"), hint="scores_flat")
         k = rank_from_tensor(g, flat, q_tensor, q)
@@ -103,7 +142,8 @@ def sparse_shortcut_applies(size: int, dense_size: int, q: float) -> bool:
 
 
 def percentile_threshold_of_sparse(g: GraphBuilder, pooled_scores: str, rank: int, size: int,
-                                   dense_size: int, q: float) -> str:
+                                   dense_size: int, q: float, algorithm: str = DEFAULT_ALGORITHM,
+                                   recall: float = DEFAULT_RECALL) -> str:
     """The threshold of ``dense_size`` scores per sample of which all but the ``size`` scores
     ``pooled_scores`` (``Y * dY`` of a max pool's gradient, ``RuleContext.unpooled``) are zero,
     from those only; only where ``sparse_shortcut_applies``.
@@ -112,13 +152,20 @@ def percentile_threshold_of_sparse(g: GraphBuilder, pooled_scores: str, rank: in
     (``k <= dense_size - size``), the k-th largest of all is the k-th largest of the ``size``
     scores when that is positive, else 0 (the zeros then reach rank ``k``):
     ``max(kth(pooled), 0)``, equal in ``s > tau``. TopK runs on ``size`` scores, not
-    ``dense_size``.
+    ``dense_size``. With ``algorithm="approx"`` the k-th largest of the pooled scores is
+    estimated from a subsample of them (``approx_kth_largest``, same rank rule and bound).
     """
     if not sparse_shortcut_applies(size, dense_size, q):
         raise ValueError(f"the sparse percentile needs k <= {size} pooled scores and k zeros")
     k = percentile_rank(dense_size, q)
-    return g.Max(kth_largest_static(g, pooled_scores, max(rank, 2), size, k), g.scalar(0.0),
-                 hint="tau")
+    sample = approx_sample_size(size, k / size) if algorithm == "approx" else None
+    if sample is not None:
+        flat = g.Reshape(pooled_scores, g.ints([0, size], "per_sample"), hint="scores_flat")
+        kth = g.Reshape(approx_kth_static(g, flat, size, k, sample, recall),
+                        g.ints([-1, 1] + [1] * (max(rank, 2) - 2), "broadcast"), hint="tau")
+    else:
+        kth = kth_largest_static(g, pooled_scores, max(rank, 2), size, k)
+    return g.Max(kth, g.scalar(0.0), hint="tau")
 
 
 def dynamic_rank(g: GraphBuilder, flat: str, q: float) -> str:
@@ -297,3 +344,116 @@ def _rth_largest_positive(g: GraphBuilder, values: str, rank: str) -> str:
         value = g.Add(base, g.Mul(candidate, spacing), hint="candidate")
         mantissa = g.Where(enough(value, "mantissa_count"), candidate, mantissa, hint="mantissa")
     return g.Add(base, g.Mul(mantissa, spacing), hint="found")
+
+
+# -- subsample (approximate) ----------------------------------------------------------------------
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+_SHARED_POSITIONS: "weakref.WeakKeyDictionary[GraphBuilder, dict]" = weakref.WeakKeyDictionary()
+
+
+def approx_sample_size(size: int, fraction: float) -> int | None:
+    """``s = ceil(MU / fraction)``, the subsample of ``size`` scores when a ``fraction`` of them
+    is to be found (``1 - q/100``, or ``k / M`` for the pooled scores); None where "approx" is
+    exact: fewer than ``APPROX_MIN_SIZE`` scores, or ``s > M / APPROX_SAMPLE_RATIO``."""
+    if size < APPROX_MIN_SIZE or not fraction > 0.0:
+        return None
+    sample = math.ceil(APPROX_EXPECTED_TOP / fraction)
+    return sample if sample * APPROX_SAMPLE_RATIO <= size else None
+
+
+def approx_fraction(q: float) -> float:
+    """``1 - q/100`` in float64, as ``percentile_rank`` evaluates it."""
+    return float(1.0 - np.float64(q) / 100.0)
+
+
+def approx_rank(k: int, size: int, sample: int, recall: float) -> int:
+    """``k_s = min(s, ceil(r mu + Z sqrt(r mu)) + 1)``, ``mu = k s / M`` (float64; the graph
+    evaluates the same operations in the same order for a run-time ``M``)."""
+    mu = float(k) * float(sample) / float(size)
+    target = float(recall) * mu
+    return int(min(sample, max(1, math.ceil(target + APPROX_Z * math.sqrt(target)) + 1)))
+
+
+def weyl_step(sample: int) -> int:
+    """The step ``G`` of the offsets ``(j G) mod s``: near ``s (sqrt 5 - 1) / 2`` and coprime to
+    ``s``, so the ``s`` offsets are a permutation of ``0 .. s - 1``."""
+    step = max(1, round(sample * GOLDEN))
+    while math.gcd(step, sample) != 1:
+        step += 1
+    return step
+
+
+def approx_positions(size: int, sample: int) -> np.ndarray:
+    """The subsample's positions in the flattened scores (numpy; the graph computes the same):
+    stratum ``j`` is ``[b_j, b_(j+1))`` with ``b_j = floor(j M / s)``, and the position is
+    ``b_j + floor(w_j ((j G) mod s) / s)`` with ``w_j = b_(j+1) - b_j``. Distinct, increasing;
+    with ``s = M`` every position once."""
+    j = np.arange(sample, dtype=np.int64)
+    start = j * size // sample
+    width = (j + 1) * size // sample - start
+    return start + width * (j * weyl_step(sample) % sample) // sample
+
+
+def _positions(g: GraphBuilder, size: str, sample: str, step: int) -> str:
+    """``approx_positions`` in the graph: int64 ``[s]`` from int64 scalars ``M`` and ``s``."""
+    j = g.Range(g.const(np.int64(0), "zero"), sample, g.const(np.int64(1), "one"), hint="j")
+    start = g.Div(g.Mul(j, size), sample, hint="stratum")
+    end = g.Div(g.Mul(g.Add(j, g.const(np.int64(1), "one")), size), sample, hint="stratum_end")
+    offset = g.Mod(g.Mul(j, g.const(np.int64(step), "weyl_step")), sample, hint="offset")
+    return g.Add(start, g.Div(g.Mul(g.Sub(end, start), offset), sample), hint="positions")
+
+
+def approx_kth_static(g: GraphBuilder, flat: str, size: int, k: int, sample: int,
+                      recall: float) -> str:
+    """``[N, 1]``: the ``k_s``-th largest of the ``sample`` scores at ``approx_positions`` of
+    each row of ``flat`` ``[N, size]``."""
+    shared = _SHARED_POSITIONS.setdefault(g, {})
+    if (size, sample) not in shared:  # one constant per layer size (int32: half the bytes)
+        positions = approx_positions(size, sample)
+        shared[size, sample] = g.const(positions.astype(np.int32 if size < 2 ** 31 else
+                                                        np.int64), "sample_positions")
+    picked = g.Gather(flat, shared[size, sample], axis=1, hint="sample")
+    return kth_largest_static(g, picked, 2, sample, approx_rank(k, size, sample, recall))
+
+
+def approx_applies(size: int | None, q: float) -> bool:
+    """Whether ``approx_threshold`` subsamples (for a run-time ``M``: may, at some ``M``)."""
+    return approx_sample_size(2 ** 62 if size is None else size, approx_fraction(q)) is not None
+
+
+def approx_threshold(g: GraphBuilder, flat: str, size: int | None, q: float,
+                     recall: float) -> str:
+    """``[N, 1]``: the subsample estimate of the q-th percentile of each row of ``flat``
+    ``[N, M]`` (module docstring), where ``approx_applies``. With ``size`` None (``M`` known
+    at run time) ``s`` is the same (it depends on ``q`` only), and ``k``, ``k_s`` and the
+    fallback are computed in the graph; the fallback gathers all ``M`` scores and takes the
+    exact k-th largest."""
+    if not approx_applies(size, q):
+        raise ValueError(f"no subsample for q = {q:g} and {size} scores: use the exact threshold")
+    sample = approx_sample_size(2 ** 62, approx_fraction(q))
+    if size is not None:
+        return approx_kth_static(g, flat, size, percentile_rank(size, q), sample, recall)
+    double = TensorProto.DOUBLE
+
+    def number(value: float, hint: str) -> str:
+        return g.const(np.array([value], np.float64), hint)
+
+    m = g.Gather(g.Shape(flat), g.ints([1], "index"), axis=0, hint="m")  # int64 [1]
+    k = dynamic_rank(g, flat, q)
+    m_d, k_d, s_d = g.Cast(m, to=double), g.Cast(k, to=double), number(float(sample), "sample")
+    exact = g.Or(g.Less(m_d, number(float(APPROX_MIN_SIZE), "least")),
+                 g.Greater(g.Mul(s_d, number(float(APPROX_SAMPLE_RATIO), "ratio")), m_d),
+                 hint="exact")
+    # approx_rank, the same float64 operations in the same order
+    target = g.Mul(number(float(recall), "recall"), g.Div(g.Mul(k_d, s_d), m_d), hint="target")
+    rank_d = g.Add(g.Ceil(g.Add(target, g.Mul(number(APPROX_Z, "z"), g.Sqrt(target)))),
+                   number(1.0, "one"), hint="k_sample")
+    rank_d = g.Min(g.Max(rank_d, number(1.0, "one")), s_d)
+    sample_size = g.Where(exact, m, g.ints([sample], "sample"), hint="sample_size")
+    rank = g.Where(exact, k, g.Cast(rank_d, to=TensorProto.INT64), hint="k_sample")
+    scalar = g.ints([], "scalar")
+    positions = _positions(g, g.Reshape(m, scalar), g.Reshape(sample_size, scalar),
+                           weyl_step(sample))
+    picked = g.Gather(flat, positions, axis=1, hint="sample")
+    top, _ = g.op("TopK", picked, rank, axis=1, largest=1, sorted=0, outputs=2, hint="top")
+    return g.ReduceMin(top, axes=[1], keepdims=1, hint="tau")

@@ -163,7 +163,8 @@ TINY = dict(train_size=40, test_size=30, epochs=1, retrain_epochs=1, fractions=(
             methods=("random", "saliency", "smoothgrad", "rectgrad"), occlusion_images=10,
             noise_images=10, sensitivity_images=10, q_values=(0.0, 50.0, 98.0), q_images=5,
             figure_images=2, smoothgrad_samples=2, ig_steps=2, threads=1, workers=1,
-            progress=False)
+            progress=False, network="train", width=0.5, repeats=1, sanity_images=3,
+            deletion_images=6, deletion_steps=4, bootstrap=50)
 
 
 def test_evaluate_writes_the_report(tmp_path):
@@ -172,7 +173,9 @@ def test_evaluate_writes_the_report(tmp_path):
                                 "fractions": (0.5,)}))
     for name in ("summary.md", "results.json", "table1.csv", "roar_kar.csv", "per_image.csv",
                  "roar_kar.png", "occlusion_boxplot.png", "noise_boxplots.png", "q_sweep.png",
-                 "q_sweep_maps.png", "methods_grid.png", "layers_0.png", "layers_1.png"):
+                 "q_sweep_maps.png", "methods_grid.png", "layers_0.png", "layers_1.png",
+                 "sanity_randomization.png", "sanity_maps.png", "deletion_insertion.png",
+                 "report.html"):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["roar_kar"]["summary"]) == {"Random", "Saliency", "SmoothGrad", "RectGrad"}

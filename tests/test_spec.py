@@ -46,6 +46,8 @@ CASES = [
     ("rectgrad", {"padding_trick": False}),
     ("rectgrad", {"prr": True}),
     ("rectgrad", {"threshold": "bisect", "q": 95.0}),
+    ("rectgrad", {"threshold": "approx", "q": 95.0}),  # subsamples the 32 x 32 x 32 layer
+    ("saliency", {"threshold": "approx", "recall": 0.9, "final_percentile": 95.0}),
     ("rectgrad", {"layer_outputs": True}),
     ("rectgrad", {"runtime": "onnxruntime-cpu"}),
     ("saliency", {"final_percentile": 90.0}),
@@ -54,6 +56,12 @@ CASES = [
     ("integrated_gradients", {"steps": 4, "baseline": 0.5, "integration": "riemann_middle"}),
     ("deeplift", {"baseline": 0.25}),
     ("epsilon_lrp", {"epsilon": 0.01}),
+    ("saliency", {"wrt": "/6/Relu_output_0"}),
+    ("grad_input", {"token_reduction": "none"}),  # token models only: ignored here (test_text)
+    ("gradcam", {}),
+    ("gradcam", {"layer": "/8/Relu_output_0"}),
+    ("gradcam++", {}),
+    ("layercam", {"layer": "/6/Relu_output_0"}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}" for m, o in CASES]
 
@@ -315,3 +323,12 @@ def test_options_that_replace_the_sidecar_preprocessing_warn(tmp_path):
         _warnings.simplefilter("error")
         preprocess_for(model)  # the sidecar alone, or the same values: no warning
         preprocess_for(model, size=224)
+
+
+def test_options_of_an_explainer_file_are_read_in_its_context(tmp_path):
+    """``recall`` alone is refused (it needs threshold=approx), but agrees with an approx file."""
+    path = tmp_path / "approx.onnx"
+    onnx.save(rectonnx.rewrite(MODEL, "rectgrad", threshold="approx", q=95.0), str(path))
+    rectonnx.Explainer(path, recall=0.95)
+    with pytest.raises(rectonnx.InputError, match="recall"):
+        rectonnx.Explainer(path, recall=0.5)

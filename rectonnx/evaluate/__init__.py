@@ -6,11 +6,13 @@
 
 experiments.py runs the experiments (training-dataset occlusion, noise level, ROAR/KAR, class
 sensitivity, effect of q, noise accumulation), training.py trains the paper's CNN in PyTorch,
-metrics.py holds the numbers, report.py writes the report directory. Needs torch (the ``torch``
-extra) and, for the default data, scikit-learn and scikit-image.
+metrics.py holds the numbers, report.py writes the report directory. Needs torch and, for the
+default data, scikit-learn and scikit-image: the ``evaluate`` extra
+(``pip install 'rectonnx[evaluate]'``); ``EvalConfig().quick()`` is a one-minute smoke run.
 """
 
-from .experiments import (DEFAULT_METHODS, EXPERIMENTS, EvalConfig, configure, method_specs,
-                          run)
+from .experiments import (DEFAULT_METHODS, EXPERIMENTS, LOW_ACCURACY, EvalConfig,
+                          LowAccuracyWarning, configure, method_specs, run)
 
-__all__ = ["EvalConfig", "configure", "run", "method_specs", "DEFAULT_METHODS", "EXPERIMENTS"]
+__all__ = ["EvalConfig", "configure", "run", "method_specs", "DEFAULT_METHODS", "EXPERIMENTS",
+           "LOW_ACCURACY", "LowAccuracyWarning"]

@@ -31,9 +31,14 @@ def write(out: Path, results: dict, figures: dict) -> Path:
     if "roar_kar" in results:
         _write_csv(out / "roar_kar.csv", results["roar_kar"]["runs"])
     _write_csv(out / "per_image.csv", per_image_rows(results))
+    from . import evidence
+
     pictures = plots(out, results, figures)
+    pictures += [Path(p).name for p in evidence.plots(out, results, figures)]
     summary = out / "summary.md"
-    summary.write_text(markdown(results, rows, pictures))
+    text = markdown(results, rows, pictures)
+    summary.write_text(text)
+    evidence.write_html(out / "report.html", text, results, pictures)
     return summary
 
 
@@ -116,6 +121,11 @@ def markdown(results: dict, rows: list[dict], pictures: list[str]) -> str:
               "", "Methods: " + "; ".join(f"{m['label']} = `{m['method'] or 'random'}` "
                                           f"{_options(m['options'])}" for m in results["methods"])
               + ".", ""]
+    network = results.get("network") or {}
+    if network:
+        lines += [f"Network source: {network.get('source')} ({network.get('why')}).", ""]
+    for warning in results.get("warnings") or []:
+        lines += [f"> **Warning:** {warning}.", ""]
     lines += ["## Table 1 (lower is better everywhere)", "",
               "| method | ROAR AUC | KAR AOC | patch attribution | background attribution | "
               "total variation |", "|---|---|---|---|---|---|"]
@@ -132,6 +142,11 @@ def markdown(results: dict, rows: list[dict], pictures: list[str]) -> str:
               "outside the object mask. Total variation: of the channel-sum map scaled to max 1. "
               "ROAR AUC / KAR AOC: mean height of the accuracy curve over the fractions "
               "(AOC = 1 - that of the KAR curve)."]
+    from . import evidence
+
+    if "config" in results and "methods" in results:
+        lines += evidence.table1_lines(results)
+        lines += evidence.paper_lines(results)
     if "roar_kar" in results:
         lines += roar_kar_section(results, rows)
     if "occlusion" in results:
@@ -168,10 +183,14 @@ def markdown(results: dict, rows: list[dict], pictures: list[str]) -> str:
         for label, values in layer["nonzero_share"].items():
             lines.append(f"| {label} | " + " | ".join(_fmt(values.get(n), 3) for n in names)
                          + " |")
+    if "sanity" in results:
+        lines += evidence.sanity_lines(results["sanity"])
+    if "deletion" in results:
+        lines += evidence.deletion_lines(results["deletion"])
     if pictures:
         lines += ["", "## Pictures", ""] + [f"* `{p}`" for p in pictures]
-    lines += ["", "Raw numbers: `results.json`, `table1.csv`, `roar_kar.csv`, `per_image.csv`.",
-              ""]
+    lines += ["", "Raw numbers: `results.json`, `table1.csv`, `roar_kar.csv`, `per_image.csv`; "
+              "everything in one page: `report.html`.", ""]
     return "\n".join(lines)
 
 
@@ -185,7 +204,8 @@ def roar_kar_section(results: dict, rows: list[dict]) -> list[str]:
            else f"fine-tuned from the trained network for {r['retrain_epochs']} epochs")
     lines = ["", "## ROAR and KAR", "",
              f"Fractions {', '.join(f'{f:g}' for f in r['fractions'])}; {r['repeats']} network(s)"
-             f" per point, {how}; pixels ranked by the maps of the "
+             f" per point (training seeds {', '.join(str(k) for k in r.get('seeds', []))}), "
+             f"{how}; pixels ranked by the maps of the "
              f"{'predicted class' if r['target'] == 'predicted' else 'true label'}; accuracy on "
              f"unmodified data {r['accuracy_unmodified']:.3f}. "
              "Curves in `roar_kar.png` (paper Fig. 9).", "",
@@ -268,6 +288,13 @@ def roar_kar_plot(path: Path, r: dict) -> Path:
         for label, curves in r["curves"].items():
             style = "--" if label == "Random" else "-"
             width = 2.5 if label.startswith("RectGrad") else 1.3
+            bounds = (r.get("intervals") or {}).get(label, {}).get(mode)
+            if bounds and all(b[0] is not None for b in bounds):  # 95 % t-interval per point
+                error = [[m - b[0] for m, b in zip(curves[mode], bounds)],
+                         [b[1] - m for m, b in zip(curves[mode], bounds)]]
+                axis.errorbar(r["fractions"], curves[mode], yerr=error, fmt=style,
+                              marker="o", lw=width, ms=3, capsize=2, label=label)
+                continue
             axis.plot(r["fractions"], curves[mode], style, marker="o", lw=width, ms=3,
                       label=label)
         axis.axhline(r["accuracy_unmodified"], color="grey", lw=0.8, ls=":")

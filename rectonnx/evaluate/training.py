@@ -19,12 +19,9 @@ import numpy as np
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("rectonnx evaluate trains networks with PyTorch: "
-                          "pip install 'rectonnx[torch]'") from None
-    return torch
+    from ..errors import require
+
+    return require("torch", "evaluate", "rectonnx evaluate (training the paper's CNN)")
 
 
 def paper_cnn(num_classes: int = 10, width: float = 1.0, image_size: int = 32,

@@ -8,7 +8,7 @@ Importing this package registers every rule.
 
 from .base import RULES, Activation, RuleContext, node_attributes, rule
 from . import activation, linear, pool, shape  # noqa: F401  (registers the rules)
-from . import (conv_transpose, elementwise, nonlinear, normalization, reduce,  # noqa: F401
-               resize, slicing)
+from . import (conv_transpose, elementwise, nonlinear, normalization, quantize,  # noqa: F401
+               reduce, resize, slicing)
 
 __all__ = ["RULES", "Activation", "RuleContext", "node_attributes", "rule"]

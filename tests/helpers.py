@@ -310,3 +310,25 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir_vers
     graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                              ir_version=ir_version)
+
+
+# -- the command line --------------------------------------------------------------------------
+def cli(*args):
+    """``rectonnx ARGS`` through click's test runner (arguments become strings)."""
+    from click.testing import CliRunner
+
+    from rectonnx.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *words):
+    """Exit 2, exactly one ``error:`` line, no traceback, naming ``words``."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+

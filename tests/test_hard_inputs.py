@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import numpy_helper, parser
 from PIL import Image
 
 import rectonnx
 from rectonnx import InputError, InvalidModelError, UnsupportedModelError
-from rectonnx.cli import main
+from helpers import cli, one_line_error
 from rectonnx.converters.pytorch import export
 
 
@@ -41,19 +40,7 @@ def models(tmp_path_factory):
     return paths
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, *words):
-    """Exit 2, exactly one ``error:`` line, no traceback, naming ``words``."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+run = cli  # rectonnx ARGS through click's test runner (helpers.cli)
 
 
 # -- model files ---------------------------------------------------------------------------------

@@ -31,24 +31,13 @@ from PIL import Image
 import rectonnx
 from rectonnx import InputError, InvalidModelError, RectonnxError, UnsupportedModelError
 from rectonnx import fileio
-from rectonnx.cli import friendly_errors, main
+from helpers import cli, one_line_error
+from rectonnx.cli import friendly_errors
 from rectonnx.errors import ExecutionError
 from rectonnx.normalize import MAX_FOLDED_ELEMENTS, MAX_FOLDED_ELEMENTS_VARIABLE, normalize
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, *words):
-    """Exit 2, exactly one ``error:`` line, no traceback, naming ``words``."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+run = cli  # rectonnx ARGS through click's test runner (helpers.cli)
 
 
 def model_from(text: str, **initializers) -> onnx.ModelProto:

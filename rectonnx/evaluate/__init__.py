@@ -1,12 +1,14 @@
 """The paper's quantitative evidence, reproducible on your data: ``rectonnx evaluate``.
 
     from rectonnx.evaluate import EvalConfig, run
-    results = run(EvalConfig(out="report", epochs=8))            # the quick default
+    results = run(EvalConfig(out="report"))   # the default: the shipped paper CNN, 3 repeats
     results = run(EvalConfig(out="paper", cifar10="~/cifar").paper())  # the paper's protocol
 
 experiments.py runs the experiments (training-dataset occlusion, noise level, ROAR/KAR, class
 sensitivity, effect of q, noise accumulation), training.py trains the paper's CNN in PyTorch,
-metrics.py holds the numbers, report.py writes the report directory. Needs torch and, for the
+metrics.py holds the numbers, stats.py the intervals and paired tests, checks.py the sanity
+check and deletion/insertion, report.py and evidence.py write the report directory (summary.md,
+report.html, CSV/JSON, figures). Needs torch and, for the
 default data, scikit-learn and scikit-image: the ``evaluate`` extra
 (``pip install 'rectonnx[evaluate]'``); ``EvalConfig().quick()`` is a one-minute smoke run.
 """

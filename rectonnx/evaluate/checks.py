@@ -5,7 +5,8 @@ r"""Checks that need no retraining: Adebayo et al.'s sanity check and deletion/i
   the other, from the logits down to the first convolution (Glorot-uniform weights and zero
   biases, the training initialisation, drawn from a seeded generator); after each step the
   explainer graph of the partly random network is rebuilt (``rewrite``) and the maps of the same
-  test images (explaining their true label) are compared with those of the trained network:
+  test images (explaining their true label; the baselines without the final threshold, as in
+  Adebayo et al., RectGrad with its q) are compared with those of the trained network:
   Spearman's rank correlation of the absolute channel-sum maps (Adebayo's "absolute value"
   variant) and SSIM (``skimage.metrics.structural_similarity``, data range 1) of the absolute
   maps each scaled to max 1. A method whose maps depend on the learned weights falls towards 0
@@ -100,7 +101,12 @@ def cascading_randomization(ctx) -> dict:
     # "Gemm 6" (the logits) ... "Conv 1" (the first convolution): op type, layer from the input
     titles = [f"{name.rsplit('/', 1)[-1].split('_')[0]} {len(layers) - k}"
               for k, (name, _) in enumerate(layers)]
-    specs = [s for s in ctx.specs if s.method is not None]
+    # the baselines' raw maps, as Adebayo et al. (no final 95th-percentile threshold: it would
+    # leave 95 % tied zeros to rank); RectGrad as configured (its q is part of the method)
+    from dataclasses import replace
+
+    specs = [replace(s, options={k: v for k, v in s.options.items() if k != "final_percentile"})
+             for s in ctx.specs if s.method is not None]
     trained = {s.label: ctx.attributor.maps(s, images, labels, salt=6) for s in specs}
     rng = np.random.default_rng([config.seed, 0x5A9])
     rank, similarity, pictures = {}, {}, {s.label: [trained[s.label][:1]] for s in specs}
@@ -126,6 +132,7 @@ def cascading_randomization(ctx) -> dict:
                      for d, v in enumerate(similarity[label])]}
     return {"images": count, "layers": titles, "spearman": rank, "ssim": similarity,
             "summary": summary,
+            "thresholded": False,
             "note": "cascading randomization from the logits down (Adebayo et al. 2018): "
                     "after randomizing the layers up to each one, Spearman rank correlation "
                     "of |map| and SSIM with the trained network's map, per image; mean and "

@@ -24,8 +24,7 @@ from . import stats
 # Table 1's columns: key, title; lower is better for every one
 METRICS = (("roar_auc", "ROAR AUC"), ("kar_aoc", "KAR AOC"), ("patch_share", "patch attribution"),
            ("background_share", "background attribution"), ("total_variation", "total variation"))
-PAPER_OTHER = ("the paper shows these as box plots (Fig. 7 and 8) without a table of values, "
-               "with RectGrad lowest")
+PAPER_OTHER = "paper: lowest in its box plots, Fig. 7 and 8, which give no values"
 
 
 def samples(results: dict, key: str) -> tuple[dict, str]:
@@ -184,7 +183,7 @@ def paper_lines(results: dict, method: str = "RectGrad") -> list[str]:
         row = ours[key][method]
         n = len(ours[key])
         paper_rank = paper.get(key, {}).get(method, (None, None))[1]
-        where = (f"paper: {paper_rank} of 8" if paper_rank else PAPER_OTHER)
+        where = f"paper: {paper_rank} of 8" if paper_rank else PAPER_OTHER
         verdict = verdicts.get(key, {})
         if row["rank"] == 1 and not verdict.get("tied"):
             standing = "leads, significantly ahead of every other method"
@@ -201,6 +200,8 @@ def paper_lines(results: dict, method: str = "RectGrad") -> list[str]:
         same = paper_rank is not None and paper_rank == row["rank"]
         differs = "" if paper_rank is None else (
             " The rank is the paper's." if same else
+            f" It ranks higher here than in the paper ({row['rank']} vs {paper_rank})."
+            if row["rank"] < paper_rank else
             f" The rank differs from the paper's ({row['rank']} vs {paper_rank})"
             + (", and the gap to the better-ranked methods is significant." if
                verdict.get("better") else ", but not significantly: the methods ranked above "
@@ -213,7 +214,9 @@ def paper_lines(results: dict, method: str = "RectGrad") -> list[str]:
 def sanity_lines(s: dict) -> list[str]:
     lines = ["", "## Sanity check: cascading randomization (Adebayo et al. 2018)", "",
              f"{s['images']} test images; layers randomized from the logits down, cumulatively "
-             f"({', '.join(s['layers'])}). Mean Spearman rank correlation of |map| with the "
+             f"({', '.join(s['layers'])}); the baselines' raw maps (no final threshold, as "
+             "Adebayo et al.), RectGrad with q = 98. Mean Spearman rank correlation of |map| "
+             "with the "
              "trained network's map [95 % bootstrap interval], then SSIM; a method that passes "
              "falls towards 0 (`sanity_randomization.png`, maps in `sanity_maps.png`):", "",
              "| method | " + " | ".join(f"{layer}" for layer in s["layers"]) + " |",

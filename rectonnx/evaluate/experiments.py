@@ -36,6 +36,15 @@ Experiments (``EXPERIMENTS``), metrics in metrics.py:
   maps of a few images (Sec. 5.1, Fig. 4).
 * ``layers``: the gradient reaching each hidden activation (``rewrite(..., layer_outputs=True)``)
   for saliency and RectGrad, channel means (Fig. 6, noise accumulation).
+* ``sanity``: Adebayo et al.'s cascading model-parameter randomization on the ONNX network
+  (checks.py): Spearman rank correlation and SSIM with the trained network's maps per depth.
+* ``deletion``: deletion and insertion curves of the predicted class's probability, no
+  retraining (checks.py).
+
+The network (``network="auto"``, the default): the shipped paper CNN
+(models/paper_cnn_digits.onnx, 0.93 test accuracy) when its sidecar matches the data and the
+width (``shipped_network_match``), else one trained here. Intervals, paired tests and the paper
+beside us: evidence.py and stats.py.
 """
 
 from __future__ import annotations
@@ -229,8 +238,8 @@ def load_data(config: EvalConfig) -> Data:
     return Data("digits_on_photos", f"digits on photos (rectonnx.datasets.digits_on_photos: "
                 f"scikit-learn's handwritten digits composited onto crops of bundled photos, "
                 f"32x32 RGB in [-1, 1], exact object masks; {len(train)} training images from "
-                f"the first 1300 digit scans (seed {config.seed}), {len(test)} test images from the other "
-                f"497 (seed {config.seed + 1}))",
+                f"the first 1300 digit scans (seed {config.seed}), {len(test)} test images "
+                f"from the other 497 (seed {config.seed + 1}))",
                 train, test)
 
 
@@ -405,6 +414,14 @@ def shipped_network_match(config: EvalConfig, data: Data) -> tuple[str | None, s
                        "held-out scans")
 
 
+def _shipped_path():
+    try:
+        from .. import models
+        return models.path(SHIPPED_NETWORK)
+    except (ImportError, FileNotFoundError):
+        return None
+
+
 def load_network(path: str, classes: int, width: float, sample_shape) -> tuple:
     """``(torch network, onnx model)`` from an ONNX paper CNN: every initializer loaded into
     ``training.paper_cnn`` by name (``0.weight`` ... ``13.bias``, torch's export names)."""
@@ -438,7 +455,9 @@ def train_base(ctx: Context) -> None:
         accuracy = training.accuracy(model, data.test.images, data.test.labels)
         if accuracy >= LOW_ACCURACY or config.network != "auto":
             ctx.model, ctx.onnx_model, ctx.accuracy = model, onnx_model, accuracy
-            ctx.network = {"source": path, "why": why, "reused": True}
+            shipped = path == str(_shipped_path())
+            ctx.network = {"source": f"models/{SHIPPED_NETWORK}.onnx (rectonnx.models)"
+                           if shipped else path, "why": why, "reused": True}
         else:
             ctx.network["why"] = (f"{path} reaches only {accuracy:.3f} on this run's test "
                                   "images")

@@ -90,6 +90,10 @@ def per_image_rows(results: dict) -> list[dict]:
         for label, values in ((results.get(experiment) or {}).get(key) or {}).items():
             rows += [{"metric": key, "method": label, "image": i, "value": v}
                      for i, v in enumerate(values)]
+    for label, areas in ((results.get("deletion") or {}).get("areas") or {}).items():
+        for mode, values in areas.items():  # deletion / insertion area per image
+            rows += [{"metric": f"{mode}_auc", "method": label, "image": i, "value": v}
+                     for i, v in enumerate(values)]
     return rows
 
 
@@ -113,9 +117,12 @@ def markdown(results: dict, rows: list[dict], pictures: list[str]) -> str:
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     timings = results.get("timings_s", {})
+    reused = (results.get("network") or {}).get("reused")
+    trained = (f"reused from {results['network']['source']}, not retrained" if reused
+               else f"trained {config['epochs']} epochs with Adam")
     lines += [f"Data: {results['data']}.", "",
-              f"Network: the paper's CIFAR CNN (width {config['width']:g}), trained "
-              f"{config['epochs']} epochs with Adam; test accuracy **{results['accuracy']:.3f}**."
+              f"Network: the paper's CIFAR CNN (width {config['width']:g}), {trained}; test "
+              f"accuracy **{results['accuracy']:.3f}**."
               f" Total time {timings.get('total', float('nan')):.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')}).",
               "", "Methods: " + "; ".join(f"{m['label']} = `{m['method'] or 'random'}` "

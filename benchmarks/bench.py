@@ -203,7 +203,7 @@ def bench_shipped(rounds: int, warmup: int) -> list[dict]:
 
 
 # -- the optimisations one at a time ---------------------------------------------------------------
-def legacy_threshold(g, scores, shape, q, algorithm="topk", q_tensor=None):
+def legacy_threshold(g, scores, shape, q, algorithm="topk", q_tensor=None, recall=None):
     """rectonnx's first threshold: one sorted TopK over all M scores, then ReduceMin."""
     from rectonnx.threshold import percentile_rank
 
@@ -215,7 +215,7 @@ def legacy_threshold(g, scores, shape, q, algorithm="topk", q_tensor=None):
     return g.Reshape(tau, g.ints([-1] + [1] * (rank - 1), "broadcast"), hint="tau")
 
 
-def legacy_gate(q, tau, threshold="topk", q_tensor=None):
+def legacy_gate(q, tau, threshold="topk", q_tensor=None, recall=None):
     """rectonnx's first gate: ``Where(y R > tau, R, 0)``."""
     import rectonnx.gates as gates
 

@@ -321,3 +321,19 @@ def test_gpu_check_without_cuda_is_one_clear_error(gpu_check, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "CUDA" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_every_bench_ablation_still_builds_a_graph():
+    """bench.py's ablations swap in rectonnx's older functions; when a signature moves on (e.g.
+    the approximate threshold's ``recall``) the full bench must not break (CI runs only
+    ``--quick``, which skips the ablations)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = Path(__file__).resolve().parent.parent / "models" / "paper_cnn_digits.onnx"
+    for name, features in bench.ABLATIONS:
+        with bench.switched_off(*features):
+            graph = rectonnx.rewrite(model, "rectgrad", padding_trick=False)
+        assert graph.graph.node, name

@@ -121,15 +121,23 @@ def check_agrees(stamp: Stamp, method, options: dict, where: str) -> None:
                              "rectonnx, which did not record its options: pass no method "
                              "options, or rewrite the source model")
         return
-    wanted = method.method if isinstance(method, ExplanationSpec) else method
-    asked = method.to_dict() if isinstance(method, ExplanationSpec) else options
-    if isinstance(method, ExplanationSpec):
-        asked = {k: v for k, v in asked.items() if k != "method" and k in method.given}
-    conflicts = stamp.spec.conflicts(wanted, {**asked, **options})
+    if isinstance(method, ExplanationSpec):  # a spec: the options its caller set
+        method, options = method.method, {**{k: method.settings()[k] for k in method.given},
+                                          **options}
+    conflicts = stamp.spec.conflicts(method, options)
     if conflicts:
         raise InputError(f"{where} is already an explainer graph ({stamp.spec.describe()}); "
                          f"the options asked for contradict it: {'; '.join(conflicts)}. Rewrite "
                          "the source model instead, or pass no method options")
+
+
+def agreeing_explainer(model, method, options: dict) -> onnx.ModelProto | None:
+    """``model`` loaded when it is already an explainer graph whose recorded spec agrees with
+    ``method``/``options`` (else InputError); None when it is a model to rewrite."""
+    made = explainer_graph_in(model)
+    if made is not None:
+        check_agrees(read_stamp(made), method, options, describe_source(model))
+    return made
 
 
 def describe_source(model) -> str:

@@ -59,13 +59,12 @@ def _explainer_graph(model, method, options: dict, *, input_name=None,
     """The explainer graph as bytes (actors on other nodes need no file; no rewrite there):
     ``model`` rewritten with ``method`` and ``options`` (a spec works too), or ``model`` itself
     when it is an explainer graph whose recorded spec agrees with them."""
-    from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
+    from .artifact import agreeing_explainer
     from .rewrite import rewrite
     from .spec import resolve
 
-    made = explainer_graph_in(model)
+    made = agreeing_explainer(model, method, options)
     if made is not None:
-        check_agrees(read_stamp(made), method, options, describe_source(model))
         return made.SerializeToString()
     return rewrite(model, resolve(method, **options), input_name=input_name,
                    output_name=output_name).SerializeToString()

@@ -83,8 +83,7 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
             f"{describe_source(model)} is already an explainer graph "
             f"({made.spec.describe() if made.spec else made.method}); rewrite the source "
             "classifier instead (or load this one with Explainer / export-triton as it is)", [])
-    fingerprint = source_fingerprint(model if isinstance(model, (str, bytes, bytearray))
-                                     or hasattr(model, "__fspath__") else proto)
+    fingerprint = source_fingerprint(model)
     settings = spec.settings()
     chosen = build(spec)
     norm = normalize(proto, input_name=input_name, output_name=output_name)

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
+from .artifact import agreeing_explainer, read_stamp
 from .errors import ExecutionError, InputError, InvalidModelError
 from .graphs import light_copy, prune
 from .rewrite import ATTRIBUTION, LOGITS, Q, TARGET, rewrite
@@ -261,11 +261,8 @@ class Explainer:
         use ops tuned for it (``runtime="onnxruntime-cpu"``, the same attribution) unless
         ``runtime`` is given; with any other provider it is the portable graph."""
         providers = list(providers or default_providers())
-        made = explainer_graph_in(model)
-        if made is not None:
-            check_agrees(read_stamp(made), method, options, describe_source(model))
-            graph = made
-        else:
+        graph = agreeing_explainer(model, method, options)
+        if graph is None:
             spec = resolve(method, **options)
             if providers == ["CPUExecutionProvider"] and "runtime" not in spec.given:
                 spec = spec.replace(runtime="onnxruntime-cpu")

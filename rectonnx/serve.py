@@ -27,7 +27,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from .artifact import check_agrees, describe_source, explainer_graph_in, read_stamp
+from .artifact import agreeing_explainer, read_stamp
 from .errors import RectonnxError
 from .spec import ExplanationSpec, resolve
 
@@ -280,9 +280,7 @@ def export_triton(model, repo, method: "str | ExplanationSpec | None" = None, *,
     if name is not None:
         check_model_name(name)  # before the rewrite
     if graph is None:
-        graph = explainer_graph_in(model)
-        if graph is not None:
-            check_agrees(read_stamp(graph), method, options, describe_source(model))
+        graph = agreeing_explainer(model, method, options)
     if graph is None:
         spec = resolve(method, **options)
         graph = rewrite(model, spec, input_name=input_name, output_name=output_name)

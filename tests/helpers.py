@@ -1,6 +1,6 @@
 """Shared test utilities: build small ONNX models, run explainer graphs, and the oracles.
 
-Oracles (STYLE.md: a literal oracle and a dot-product check):
+Oracles (a literal oracle and a dot-product check):
 
 * ``fd_gradient``: the full input gradient of the target logit by central differences, in
   float64, on a float64 copy of the forward model run by ``onnx.reference`` (framework-free).

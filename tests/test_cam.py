@@ -31,6 +31,7 @@ from helpers import assert_close, explain, export, run_explainer
 from rectonnx.cam import default_cam_layer
 from rectonnx.cli import main
 from rectonnx.normalize import normalize
+from test_methods import Residual
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,26 +54,12 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class Block(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + x)
-
-
 class SmallResNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.relu = nn.ReLU()
-        self.block = Block(8)
+        self.block = Residual(8)
         self.fc = nn.Linear(8, 6)
 
     def forward(self, x):

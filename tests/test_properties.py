@@ -341,6 +341,13 @@ def image_folders(draw):
     return [(stem + ext, draw(image_bytes(ext))) for stem, ext in names]
 
 
+def write_folder(folder: Path, files) -> Path:
+    folder.mkdir()
+    for name, data in files:
+        (folder / name).write_bytes(data)
+    return folder
+
+
 def outcome(out: Path) -> tuple[list[str], list[str]]:
     def inputs(name):
         path = out / name
@@ -358,10 +365,7 @@ def test_every_file_ends_in_the_manifest_or_the_failures(image_model, files):
 
     path, explainer = image_model
     with tempfile.TemporaryDirectory() as root:
-        folder = Path(root) / "images"
-        folder.mkdir()
-        for name, data in files:
-            (folder / name).write_bytes(data)
+        folder = write_folder(Path(root) / "images", files)
         out = Path(root) / "out"
         summary = explain_images(path, [folder], out, preprocess=preprocess_for(path),
                                  method="saliency", explainer=explainer, progress=False,
@@ -381,10 +385,7 @@ def test_the_command_line_lists_every_file_without_a_traceback(image_model, file
 
     path, _ = image_model
     with tempfile.TemporaryDirectory() as root:
-        folder = Path(root) / "images"
-        folder.mkdir()
-        for name, data in files:
-            (folder / name).write_bytes(data)
+        folder = write_folder(Path(root) / "images", files)
         out = Path(root) / "out"
         result = CliRunner().invoke(main, ["explain", str(path), str(folder), "--out", str(out),
                                            "--method", "saliency", "--no-progress", "--no-png",

@@ -14,7 +14,6 @@ import copy
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 torch = pytest.importorskip("torch")

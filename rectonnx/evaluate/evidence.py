@@ -157,7 +157,6 @@ def paper_lines(results: dict, method: str = "RectGrad") -> list[str]:
         return []
     paper = paper_ranks()
     verdicts = versus(results, method)
-    titles = dict(METRICS)
     lines = ["", "## The paper beside us", "",
              "The paper's Table 1 (CIFAR-10, ROAR AUC and KAR AOC; values and ranks among its "
              "eight methods) next to this run's means and ranks:", "",

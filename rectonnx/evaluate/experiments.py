@@ -49,7 +49,6 @@ beside us: evidence.py and stats.py.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace

@@ -4,8 +4,11 @@ Saliency.
 ``TorchRectGrad`` swaps every ``nn.ReLU`` of a module for a ReLU whose backward is the paper's
 rule ``R_z = I(y R > tau) R`` with ``tau`` the per-sample q-th percentile of ``y R`` (torch.topk
 per sample, over all non-batch elements; k as in docs/maths.md, 'The percentile threshold'), then
-returns ``relu(x dS/dx)``. This is how one writes RectGrad in PyTorch by hand; it is the speed
-baseline, and it agrees with rectonnx's graph (checked in tests/test_speed_options.py).
+returns ``relu(x dS/dx)``. Every ``nn.ReLU6`` gets the same gate and keeps its own derivative
+mask (``R_z = I(y R > tau) I(0 < y < 6) R``, as rectonnx gates a Clip). ``TorchRectGrad(net, q,
+compile=backend)`` runs the gated module under ``torch.compile`` (forward and backward). This
+is how one writes RectGrad in PyTorch by hand; it is the speed baseline, and it agrees with
+rectonnx's graph (checked in tests/test_speed_options.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,25 @@ class _GatedReLU(torch.autograd.Function):
         return (upstream.reshape_as(scores) * keep).reshape_as(upstream), None
 
 
+class _GatedReLU6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, q):
+        y = torch.clamp(z, 0.0, 6.0)
+        ctx.save_for_backward(y)
+        ctx.q = q
+        return y
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (y,) = ctx.saved_tensors
+        scores = (y * upstream).reshape(len(y), -1)
+        k = percentile_rank(scores.shape[1], ctx.q)
+        tau = torch.topk(scores, k, dim=1, largest=True, sorted=False).values.min(dim=1).values
+        inside = ((y > 0.0) & (y < 6.0)).reshape_as(scores)  # ReLU6's own derivative mask
+        keep = (scores > tau[:, None]) & inside
+        return (upstream.reshape_as(scores) * keep).reshape_as(upstream), None
+
+
 class _RectReLU(nn.Module):
     def __init__(self, q: float):
         super().__init__()
@@ -48,9 +70,16 @@ class _RectReLU(nn.Module):
         return _GatedReLU.apply(z, self.q)
 
 
+class _RectReLU6(_RectReLU):
+    def forward(self, z):
+        return _GatedReLU6.apply(z, self.q)
+
+
 def _swap_relus(module: nn.Module, q: float) -> nn.Module:
     for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
+        if isinstance(child, nn.ReLU6):
+            setattr(module, name, _RectReLU6(q))
+        elif isinstance(child, nn.ReLU):
             setattr(module, name, _RectReLU(q))
         else:
             _swap_relus(child, q)
@@ -60,10 +89,13 @@ def _swap_relus(module: nn.Module, q: float) -> nn.Module:
 class TorchRectGrad:
     """``TorchRectGrad(net, q)(x, target)`` -> (logits, relu(x dS/dx)) as torch tensors."""
 
-    def __init__(self, net: nn.Module, q: float = 98.0):
+    def __init__(self, net: nn.Module, q: float = 98.0, compile: str | None = None):
         self.net = _swap_relus(copy.deepcopy(net).eval(), q)
         for p in self.net.parameters():
             p.requires_grad_(False)
+        if compile:
+            # static shapes: a new batch size compiles anew instead of turning dynamic
+            self.net = torch.compile(self.net, backend=compile, dynamic=False)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None):
         x = x.detach().requires_grad_(True)

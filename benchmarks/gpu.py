@@ -268,7 +268,8 @@ def load_models(names: list[str], quick: bool):
     """``(name, torch module or None, onnx model, input shape, batches)`` per requested model."""
     import nets
 
-    plan = {"paper_cnn": [2] if quick else [1, 64], "resnet50": [1] if quick else [1, 8, 32]}
+    plan = {"paper_cnn": [2] if quick else [1, 64], "resnet50": [1] if quick else [1, 8, 32],
+            "efficientnet_lite0": [1] if quick else [1, 8]}
     for name in names:
         if name == "shipped":
             from rectonnx import models

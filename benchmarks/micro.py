@@ -8,7 +8,10 @@
   what rectonnx emits unless X has fewer than 8 channels, as an RGB first layer) vs the
   polyphase Conv + DepthToSpace (stride 2, not emitted: slower);
 * the RectGrad gate ``Where(s > tau, R, 0)`` vs ``R * Cast(s > tau)``;
-* MaxPool with and without its Indices output (the exact max-pool backward needs them).
+* MaxPool with and without its Indices output (the exact max-pool backward needs them);
+* EfficientNet-Lite0's depthwise stride-2 input gradients: ConvTranspose vs zero insertion +
+  stride-1 depthwise Conv vs polyphase depthwise Convs + DepthToSpace;
+* the padding-trick mask as a Mul after the gate vs folded into the gate's boolean (And).
 
 Variants of one case run interleaved, best of ``repeats`` (the least disturbed run) is
 reported: on a shared machine that is the most stable estimate of what each kernel costs.
@@ -187,6 +190,124 @@ def bench_convs(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
+# -- depthwise stride-2 input gradients (EfficientNet-Lite0) ---------------------------------
+DEPTHWISE_STRIDE_2 = [  # (channels, kernel, input size, output size, pads): Lite0's four
+    (96, 3, 112, 56, [0, 0, 1, 1]), (144, 5, 56, 28, [1, 1, 2, 2]),
+    (240, 3, 28, 14, [0, 0, 1, 1]), (672, 5, 14, 7, [1, 1, 2, 2])]
+
+
+def depthwise_phase_kernels(weight: np.ndarray, n: int, m: int, b: int):
+    """Per output phase ``r`` of a stride-2 depthwise conv's dX (``dx[2u + r]``): the taps ``j``
+    with ``r + b - j`` even, as a correlation over dY with offsets ``(r + b - j) / 2``;
+    returns ``(taps (-1: zero), begin pad, end pad)`` per phase."""
+    k = weight.shape[-1]
+    phases = []
+    for r in range(2):
+        offsets = {j: (r + b - j) // 2 for j in range(k) if (r + b - j) % 2 == 0}
+        low, high = min(offsets.values()), max(offsets.values())
+        taps = np.full(high - low + 1, -1)
+        for j, d in offsets.items():
+            taps[d - low] = j
+        length = (n - r + 1) // 2
+        phases.append((taps, -low, (length - 1 + high) - (m - 1)))
+    return phases
+
+
+def bench_depthwise_stride2(quick: bool, repeats: int) -> list[dict]:
+    """dX of Lite0's depthwise stride-2 convs: ConvTranspose (what rectonnx emits) vs zero
+    insertion (Pad to 4C channels + DepthToSpace) + the flipped-kernel stride-1 depthwise Conv
+    vs polyphase (four stride-1 depthwise Convs on dY + Concat + DepthToSpace)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in ([1] if quick else [1, 8]):
+        for c, k, n, m, pads in DEPTHWISE_STRIDE_2:
+            weight = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+            b = pads[0]
+            geometry = conv_transpose_geometry([n, n], [m, m], [k, k], [2, 2], [1, 1], pads)
+
+            def transpose(g):
+                dx = g.ConvTranspose("dy", g.const(weight), strides=[2, 2], pads=geometry.pads,
+                                     group=c, kernel_shape=[k, k],
+                                     output_padding=geometry.output_padding)
+                return g.Pad(dx, g.ints([0] * 6 + geometry.extra_end)) \
+                    if geometry.needs_extra else dx
+
+            def zero_insertion(g):
+                spread = g.DepthToSpace(g.Pad("dy", g.ints([0] * 5 + [3 * c, 0, 0])),
+                                        blocksize=2, mode="DCR")
+                begin, end = k - 1 - b, n + b - 2 * m
+                return g.Conv(spread, g.const(flipped_kernel(weight, c)), group=c,
+                              pads=[begin, begin, end, end], kernel_shape=[k, k])
+
+            def polyphase_depthwise(g):
+                phases = depthwise_phase_kernels(weight, n, m, b)
+                outs = []
+                for taps_y, begin_y, end_y in phases:
+                    for taps_x, begin_x, end_x in phases:
+                        kernel = np.zeros((c, 1, len(taps_y), len(taps_x)), np.float32)
+                        for i, jy in enumerate(taps_y):
+                            for j, jx in enumerate(taps_x):
+                                if jy >= 0 and jx >= 0:
+                                    kernel[:, :, i, j] = weight[:, :, jy, jx]
+                        outs.append(g.Conv("dy", g.const(kernel), group=c,
+                                           pads=[begin_y, begin_x, end_y, end_x],
+                                           kernel_shape=list(kernel.shape[2:])))
+                return g.DepthToSpace(g.Concat(*outs, axis=1), blocksize=2, mode="DCR")
+
+            dy = rng.standard_normal((batch, c, m, m)).astype(np.float32)
+            variants = {name: builder_session(build, {"dy": [batch, c, m, m]},
+                                              [batch, c, n, n])
+                        for name, build in (("ConvTranspose", transpose),
+                                            ("zero insertion + Conv", zero_insertion),
+                                            ("polyphase Convs + DepthToSpace",
+                                             polyphase_depthwise))}
+            outputs = {name: v.run(None, {"dy": dy})[0] for name, v in variants.items()}
+            base = outputs["ConvTranspose"]
+            error = max(float(np.abs(o - base).max() / np.abs(base).max())
+                        for o in outputs.values())
+            times = best_ms({name: (lambda v=v: v.run(None, {"dy": dy}))
+                             for name, v in variants.items()}, repeats)
+            for name, ms in times.items():
+                rows.append(dict(case="depthwise s2 dX", shape=f"N={batch}, C={c}, k{k}, "
+                                 f"{n}<-{m}", variant=name, ms=ms, max_rel_diff=error,
+                                 chosen=name == "ConvTranspose"))
+    return rows
+
+
+def bench_padding_fold(quick: bool, repeats: int) -> list[dict]:
+    """The padding-trick mask after a gate: ``(R * Cast(b)) * m`` (a float Mul) vs
+    ``R * Cast(b & m)`` (an And of booleans; rules/linear._fold_into_gate, bit-equal)."""
+    rng = np.random.default_rng(0)
+    shape = [1, 144, 56, 56] if quick else [8, 144, 56, 56]
+    r = rng.standard_normal(shape).astype(np.float32)
+    keep = rng.random(shape) < 0.1
+    mask = np.ones([1, 1] + shape[2:], np.float32)
+    mask[..., [0, -1], :] = 0
+    mask[..., :, [0, -1]] = 0
+
+    def separate(g):
+        return g.Mul(g.Mul("r", g.CastLike("keep", "r")), g.const(mask))
+
+    def folded(g):
+        return g.Mul("r", g.CastLike(g.And("keep", g.const(mask.astype(bool))), "r"))
+
+    variants = {}
+    for name, build in (("gate, then Mul by the mask", separate),
+                        ("mask folded into the gate (And)", folded)):
+        g = GraphBuilder({"r", "keep", "out"})
+        g.Identity(build(g), outputs=["out"])
+        infos = [helper.make_tensor_value_info("r", TensorProto.FLOAT, shape),
+                 helper.make_tensor_value_info("keep", TensorProto.BOOL, shape)]
+        variants[name] = session(g.nodes, infos, [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, shape)], g.initializers)
+    feeds = {"r": r, "keep": keep}
+    assert np.array_equal(*[v.run(None, feeds)[0] for v in variants.values()])
+    return [dict(case="padding mask after a gate", shape=str(shape), variant=name, ms=ms,
+                 chosen="folded" in name)
+            for name, ms in best_ms({n: (lambda v=v: v.run(None, feeds))
+                                     for n, v in variants.items()}, repeats).items()]
+
+
 # -- the gate and max-pool ---------------------------------------------------------------------
 def bench_gate_and_pool(quick: bool, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
@@ -247,6 +368,7 @@ def markdown(rows: list[dict]) -> str:
 def run(quick: bool) -> list[dict]:
     repeats = 5 if quick else 15
     return (bench_thresholds(quick, repeats) + bench_convs(quick, repeats)
+            + bench_depthwise_stride2(quick, repeats) + bench_padding_fold(quick, repeats)
             + bench_gate_and_pool(quick, repeats))
 
 

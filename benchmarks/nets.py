@@ -114,14 +114,71 @@ def export(module: nn.Module, shape, *, opset: int = 17) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-MODELS = {"paper_cnn": (paper_cnn, (3, 32, 32)), "resnet50": (resnet50, (3, 224, 224))}
+def shipped_onnx(name: str) -> onnx.ModelProto:
+    from rectonnx import models
+
+    return onnx.load(str(models.path(name)))
+
+
+def efficientnet_lite0() -> nn.Module:
+    """The shipped EfficientNet-Lite0 (models/efficientnet_lite0.onnx) as a torch module.
+
+    The architecture is the one models/export_efficientnet_lite0.py exported (TensorFlow SAME
+    padding, ReLU6, BatchNorm after each bias-free conv); the weights are read back from the
+    shipped ONNX file, whose convolutions carry the folded BatchNorm: each torch conv takes the
+    ONNX Conv's kernel (same order: the module order is the export's node order) and its
+    BatchNorm becomes ``x + bias`` (weight 1, mean 0, variance ``1 - eps``)."""
+    import importlib.util
+
+    from rectonnx import models
+    from onnx import numpy_helper
+
+    spec = importlib.util.spec_from_file_location(
+        "export_efficientnet_lite0", models.DIRECTORY / "export_efficientnet_lite0.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    net = source.EfficientNetLite0(tf_same=True).eval()
+    model = shipped_onnx(models.EFFICIENTNET_LITE0)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:  # Constant nodes holding weights, if any
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            weights[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    pairs = [(m, b) for seq in net.modules() if isinstance(seq, source.ConvBN)
+             for m, b in [(next(x for x in seq if isinstance(x, nn.Conv2d)),
+                           next(x for x in seq if isinstance(x, nn.BatchNorm2d)))]]
+    if len(pairs) != len(convs):
+        raise ValueError(f"{len(pairs)} torch convs, {len(convs)} ONNX Conv nodes")
+    with torch.no_grad():
+        for (conv, bn), node in zip(pairs, convs):
+            kernel = torch.from_numpy(weights[node.input[1]].copy())
+            if kernel.shape != conv.weight.shape:
+                raise ValueError(f"{node.name}: {tuple(kernel.shape)} != "
+                                 f"{tuple(conv.weight.shape)}")
+            conv.weight.copy_(kernel)
+            bias = weights[node.input[2]] if len(node.input) > 2 else np.zeros(len(kernel))
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(torch.from_numpy(bias.copy()))
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+        fc = weights[gemm.input[1]]
+        net.fc.weight.copy_(torch.from_numpy((fc if trans_b else fc.T).copy()))
+        net.fc.bias.copy_(torch.from_numpy(weights[gemm.input[2]].copy()))
+    return net.eval()
+
+
+MODELS = {"paper_cnn": (paper_cnn, (3, 32, 32)), "resnet50": (resnet50, (3, 224, 224)),
+          "efficientnet_lite0": (efficientnet_lite0, (3, 224, 224))}
+SHIPPED = {"efficientnet_lite0"}  # the ONNX model is the shipped file, not an export
 
 
 def build(name: str):
     """``(torch module, onnx model, input shape without batch)`` of a benchmark model."""
     factory, shape = MODELS[name]
     net = factory()
-    return net, export(net, shape), shape
+    return net, shipped_onnx(name) if name in SHIPPED else export(net, shape), shape
 
 
 def random_batch(shape, batch: int, seed: int = 0) -> np.ndarray:

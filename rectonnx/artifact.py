@@ -9,7 +9,8 @@
 | ``rectonnx.version`` | the rectonnx version that wrote it |
 | ``rectonnx.source_sha256`` | sha256 of the source model (its file bytes, or its serialised proto) |
 | ``rectonnx.input_name``, ``rectonnx.output_name`` | the model's input and score output used |
-| ``rectonnx.upcast_from`` | ``float16`` (or ``bfloat16``) for a half-precision model explained in float32 |
+| ``rectonnx.upcast_from`` | ``float16`` (or ``bfloat16``) for a half-precision source model |
+| ``rectonnx.computes_in`` | ``float16`` or ``float32``: a half source's (option ``precision``) |
 
 ``Explainer`` and ``export-triton`` given such a file read its spec instead of rewriting, and
 refuse options that contradict it; ``rectonnx info`` prints the stamp.
@@ -50,13 +51,15 @@ def version() -> str:
 
 
 def stamp(model: onnx.ModelProto, spec: ExplanationSpec, *, source_sha256: str,
-          input_name: str, output_name: str, upcast_from: str | None = None) -> None:
+          input_name: str, output_name: str, upcast_from: str | None = None,
+          computes_in: str | None = None) -> None:
     """Write the metadata of the module docstring into ``model`` (replacing older entries)."""
     values = {"method": spec.method, "spec": spec.to_json(), "version": version(),
               "source_sha256": source_sha256, "input_name": input_name,
               "output_name": output_name}
     if upcast_from:
         values["upcast_from"] = upcast_from
+        values["computes_in"] = computes_in or "float32"
     kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -77,6 +80,17 @@ class Stamp:
     input_name: str | None
     output_name: str | None
     upcast_from: str | None = None
+    computes_in: str | None = None  # half-precision source; not recorded by older versions: float32
+
+    def precision_line(self) -> str | None:
+        """What a half-precision source's explainer computes in, in words (None otherwise)."""
+        if not self.upcast_from:
+            return None
+        if self.computes_in == "float16":
+            return (f"  computes in float16 as the source model ({self.upcast_from}; the "
+                    "percentile thresholds in float32); precision='fp32' computes in float32")
+        return (f"  computes in float32: the source model is {self.upcast_from}, its weights "
+                "were upcast")
 
     def lines(self) -> list[str]:
         return [f"explainer graph made by rectonnx {self.version or '(unknown version)'}",
@@ -84,8 +98,7 @@ class Stamp:
                 *([f"  settings: {self.spec.to_json()}"] if self.spec else []),
                 f"  source model sha256: {self.source_sha256 or '(not recorded)'}",
                 f"  input {self.input_name or '?'}, scores {self.output_name or '?'}",
-                *([f"  computes in float32: the source model is {self.upcast_from}, its "
-                   "weights were upcast"] if self.upcast_from else [])]
+                *([self.precision_line()] if self.upcast_from else [])]
 
 
 def read_stamp(model: onnx.ModelProto) -> Stamp | None:
@@ -102,7 +115,8 @@ def read_stamp(model: onnx.ModelProto) -> Stamp | None:
             raise InputError(f"the explainer graph's recorded spec is not valid: {exc}") \
                 from None
     return Stamp(values["method"], spec, values.get("version"), values.get("source_sha256"),
-                 values.get("input_name"), values.get("output_name"), values.get("upcast_from"))
+                 values.get("input_name"), values.get("output_name"), values.get("upcast_from"),
+                 values.get("computes_in"))
 
 
 def explainer_graph_in(model) -> onnx.ModelProto | None:

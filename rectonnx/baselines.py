@@ -93,12 +93,22 @@ class Copies:
     weights: tuple[float, ...]
     make: MakeCopies = field(repr=False)
 
-    def feed(self, norm, g: GraphBuilder, logits: str):
+    def feed(self, norm, g: GraphBuilder, logits: str, at: str | None = None):
         """Make the forward graph run on the ``[N K, ...]`` copies and emit ``logits`` (copy 0's
-        scores). Returns the view of ``norm`` that the walker differentiates: its input and
-        logits are the batched ones. One copy: ``norm`` itself, nothing emitted."""
+        scores). Returns ``(view, stop)``: the view of ``norm`` that the walker differentiates
+        (its logits, and without ``at`` its input, are the batched ones) and the batched tensor
+        the backward stops at (None: the view's input). One copy: ``(norm, at)``, nothing
+        emitted.
+
+        ``at`` (layer attribution, a token model's embedding): the copies are made of that
+        tensor, as Captum's Layer* methods do: the forward runs on the sample up to ``at``,
+        ``at`` itself becomes the ``[N K, ...]`` stack of the sample's value and its copies, and
+        the nodes after it run on the stack. When a tensor computed before ``at`` from the inputs
+        is read after it too (a skip connection around it, an attention mask), every graph
+        input is repeated ``K`` times instead, so that both sides have ``N K`` rows; the copy 0
+        of ``at`` is then the sample's own value."""
         if self.count == 1:
-            return norm
+            return norm, at
         x = norm.input_name
         shape = norm.shapes.get(x)
         if shape is None:
@@ -109,24 +119,92 @@ class Copies:
                 f"a model with a symbolic batch dimension; input {x!r} has the fixed shape "
                 f"{list(shape)}: export the model with a dynamic batch axis (e.g. "
                 "rectonnx.converters.pytorch.export)", [])
-        batched_x, batched_logits = g.fresh("copies/input"), g.fresh("copies/logits")
-        # in the nodes only: the graph's input x stays, and feeds the copies
-        rename(norm.graph, x, batched_x, in_outputs=False, in_graph_io=False)
-        rename(norm.graph, logits, batched_logits, in_graph_io=False)
-        first = len(g.nodes)
+        batched_logits = g.fresh("copies/logits")
         g.scope("copies")
-        stacked = g.Concat(g.Unsqueeze(x, g.ints([1], "axis")), self.make(g, x, shape), axis=1,
-                           hint="stacked")
-        g.Identity(merge_copies(g, stacked), outputs=[batched_x])
-        for i, node in enumerate(g.nodes[first:]):  # the copies exist before the model runs
-            norm.graph.node.insert(i, node)
-        del g.nodes[first:]
+        if at is None:
+            batched_x = g.fresh("copies/input")
+            # in the nodes only: the graph's input x stays, and feeds the copies
+            rename(norm.graph, x, batched_x, in_outputs=False, in_graph_io=False)
+            self._insert(norm, g, 0, self._stacked(g, x, shape, batched_x))
+            for table in (norm.shapes, norm.elem_types):
+                table[batched_x] = table.get(x)
+            norm.active.add(batched_x)
+            stop, view_input = None, batched_x
+        else:
+            stop, view_input = self._feed_at(norm, g, at), x
+        rename(norm.graph, logits, batched_logits, in_graph_io=False)
         g.Gather(split_copies(g, batched_logits, self.count), g.const(np.int64(0), "copy_0"),
                  axis=1, outputs=[logits])
         for table in (norm.shapes, norm.elem_types):
-            table[batched_x], table[batched_logits] = table.get(x), table.get(logits)
-        norm.active.update((batched_x, batched_logits))
-        return dataclasses.replace(norm, input_name=batched_x, logits_name=batched_logits)
+            table[batched_logits] = table.get(logits)
+        norm.active.add(batched_logits)
+        return dataclasses.replace(norm, input_name=view_input,
+                                   logits_name=batched_logits), stop
+
+    def _stacked(self, g: GraphBuilder, t: str, shape: Shape, name: str) -> int:
+        """Emit ``name = [N K, ...]``, the sample ``t`` and its copies; returns where the new
+        nodes start in ``g.nodes``."""
+        first = len(g.nodes)
+        stacked = g.Concat(g.Unsqueeze(t, g.ints([1], "axis")), self.make(g, t, shape), axis=1,
+                           hint="stacked")
+        g.Identity(merge_copies(g, stacked), outputs=[name])
+        return first
+
+    @staticmethod
+    def _insert(norm, g: GraphBuilder, position: int, first: int) -> None:
+        """Move ``g.nodes[first:]`` into the model's graph at ``position``."""
+        for i, node in enumerate(g.nodes[first:]):
+            norm.graph.node.insert(position + i, node)
+        del g.nodes[first:]
+
+    def _feed_at(self, norm, g: GraphBuilder, at: str) -> str:
+        """The copies made at tensor ``at`` (see ``feed``); returns the batched ``at``."""
+        shape = norm.shapes.get(at)
+        if shape is None:
+            raise UnsupportedModelError(f"the shape of tensor {at!r} is unknown", [])
+        graph = norm.graph
+        batched = g.fresh(f"copies/{at}")
+        written = at
+        if crossing_tensors(graph, at):
+            self._insert(norm, g, 0, self._repeated_inputs(norm, g))
+            written = g.fresh(f"copies/{at}/repeated")
+            rename(graph, at, batched, in_outputs=False, in_graph_io=False)
+            rename(graph, at, written, in_graph_io=False)  # now only its producer's output
+            first = len(g.nodes)
+            g.Gather(split_copies(g, written, self.count), g.const(np.int64(0), "copy_0"),
+                     axis=1, outputs=[at])  # the sample's own value, copy 0
+            self._stacked(g, at, shape, batched)
+            norm.shapes[written], norm.elem_types[written] = shape, norm.elem_types.get(at)
+        else:
+            rename(graph, at, batched, in_outputs=False, in_graph_io=False)
+            first = self._stacked(g, at, shape, batched)
+        producer = next(i for i, n in enumerate(graph.node) if written in n.output)
+        self._insert(norm, g, producer + 1, first)
+        norm.shapes[batched], norm.elem_types[batched] = shape, norm.elem_types.get(at)
+        norm.active.add(batched)
+        return batched
+
+    def _repeated_inputs(self, norm, g: GraphBuilder) -> int:
+        """Every graph input the nodes read, repeated ``K`` times per sample (``[N K, ...]``,
+        under a new name in the nodes); returns where the new nodes start in ``g.nodes``."""
+        graph = norm.graph
+        weights = {t.name for t in graph.initializer}
+        read = {name for node in graph.node for name in node.input}
+        first = len(g.nodes)
+        for info in graph.input:
+            if info.name in weights or info.name not in read:
+                continue
+            shape = norm.shapes.get(info.name)
+            if shape is None:
+                raise UnsupportedModelError(f"the rank of input {info.name!r} is unknown", [])
+            repeated = g.fresh(f"copies/{info.name}")
+            rename(graph, info.name, repeated, in_outputs=False, in_graph_io=False)
+            tiles = g.ints([1, self.count] + [1] * (len(shape) - 1), "tiles")
+            g.Identity(merge_copies(g, g.Expand(g.Unsqueeze(info.name, g.ints([1], "axis")),
+                                                tiles, hint="repeated")), outputs=[repeated])
+            for table in (norm.shapes, norm.elem_types):
+                table[repeated] = table.get(info.name)
+        return first
 
     def repeat(self, g: GraphBuilder, seed: str) -> str:
         """``[N, C] -> [N K, C]``: every copy gets its sample's seed."""
@@ -165,6 +243,24 @@ def split_copies(g: GraphBuilder, t: str, count: int) -> str:
     shape = g.Concat(g.ints([-1, count], "split"), g.Shape(t, start=1), axis=0,
                      hint="split_shape")
     return g.Reshape(t, shape, hint="split")
+
+
+def crossing_tensors(graph, at: str) -> set[str]:
+    """The tensors computed from the graph's inputs without ``at`` that a node after ``at``
+    reads (a skip connection around ``at``, an attention mask): with copies made at ``at``,
+    these would keep ``N`` rows where the nodes after ``at`` have ``N K``."""
+    weights = {t.name for t in graph.initializer}
+    dynamic = {i.name for i in graph.input if i.name not in weights}
+    after = {at}
+    crossing = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if any(name in after for name in inputs):
+            crossing.update(n for n in inputs if n in dynamic and n not in after)
+            after.update(node.output)
+        elif any(name in dynamic for name in inputs):
+            dynamic.update(node.output)
+    return crossing
 
 
 def pair_delta(g: GraphBuilder, t: str) -> str:

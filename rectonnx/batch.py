@@ -225,6 +225,13 @@ def fit_preprocess_to_model(preprocess: Preprocess,
     return Preprocess.from_dict(settings)
 
 
+def check_max_pixels(max_pixels) -> None:
+    """``max_pixels`` is None (no limit) or a whole number of at least 1."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not (
+            isinstance(max_pixels, int) and max_pixels >= 1)):
+        raise ValueError(f"--max-pixels must be a whole number of at least 1, got {max_pixels!r}")
+
+
 def parse_bytes(text: str | int | None, flag: str = "--memory-budget") -> int | None:
     """``"2GB"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes -> int (None stays None).
 
@@ -945,8 +952,7 @@ def explain_images(model, sources, out_dir, *, preprocess: Preprocess, method=No
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
-        raise ValueError(f"--max-pixels must be a whole number of at least 1, got {max_pixels!r}")
+    check_max_pixels(max_pixels)
     paths = iter_image_paths(sources, exclude=[out_dir])
     budget = parse_bytes(memory_budget)
     sidecar(model)  # a malformed sidecar fails before the model is rewritten

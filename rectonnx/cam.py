@@ -29,6 +29,10 @@ The map ``[N, 1, h, w]`` is resized to the input's spatial size with ``Resize`` 
 ``half_pixel``), which is ``F.interpolate(map, (H, W), mode="bilinear", align_corners=False)``,
 i.e. Captum's ``LayerAttribution.interpolate(map, (H, W), interpolate_mode="bilinear")``. The
 explainer's ``attribution`` output is then ``[N, 1, H, W]``, not the input's shape.
+
+Channels-last models (Keras, tf2onnx): a layer ``[N, h, w, K]`` (``channels_last``: read from
+the nodes that read it) is transposed to ``[N, K, h, w]`` before the formulas, and for a
+channels-last input ``[N, H, W, C]`` the map is ``[N, H, W, 1]``, the input's layout.
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ _HEAD_OPS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Flatten", "R
              "Squeeze"}
 
 
-def _spatial(shape) -> bool:
-    """A 4-D shape whose spatial size is not 1 x 1 (unknown sizes count as spatial)."""
+def _spatial(shape, last: bool = False) -> bool:
+    """A 4-D shape whose spatial size (axes 2, 3; 1, 2 if ``last``) is not 1 x 1 (unknown
+    sizes count as spatial)."""
     if shape is None or len(shape) != 4:
         return False
-    return not all(d == 1 for d in shape[2:])
+    return not all(d == 1 for d in (shape[1:3] if last else shape[2:]))
 
 
 def default_cam_layer(norm: NormalizedModel) -> str | None:
@@ -63,9 +68,10 @@ def default_cam_layer(norm: NormalizedModel) -> str | None:
         if node.op_type not in _HEAD_OPS or not node.input:
             continue
         x, y = node.input[0], node.output[0]
-        if x in norm.active and _spatial(norm.shapes.get(x)) and \
-                not _spatial(norm.shapes.get(y)):
-            found = x
+        if x in norm.active and _spatial(norm.shapes.get(x)):
+            last = channels_last(norm, x)
+            if _spatial(norm.shapes.get(x), last) and not _spatial(norm.shapes.get(y), last):
+                found = x
     return found
 
 
@@ -99,12 +105,74 @@ FINISHES: dict[str, CamFinish] = {"gradcam": gradcam, "gradcam++": gradcam_plus_
                                   "layercam": layercam}
 
 
-def upsampled(g: GraphBuilder, cam: str, x: str) -> str:
-    """``cam [N, 1, h, w]`` resized to the spatial size of ``x`` (bilinear, half-pixel)."""
-    sizes = g.Concat(g.Shape(cam, end=2, hint="map_shape"), g.Shape(x, start=2, hint="size"),
-                     axis=0, hint="sizes")
-    return g.Resize(cam, "", "", sizes, mode="linear",
-                    coordinate_transformation_mode="half_pixel", hint="upsampled")
+def upsampled(g: GraphBuilder, cam: str, x: str, x_channels_last: bool = False) -> str:
+    """``cam [N, 1, h, w]`` resized to the spatial size of ``x`` (bilinear, half-pixel);
+    ``[N, H, W, 1]`` when ``x`` is channels-last."""
+    size = g.Shape(x, start=1, end=3, hint="size") if x_channels_last else \
+        g.Shape(x, start=2, hint="size")
+    sizes = g.Concat(g.Shape(cam, end=2, hint="map_shape"), size, axis=0, hint="sizes")
+    resized = g.Resize(cam, "", "", sizes, mode="linear",
+                       coordinate_transformation_mode="half_pixel", hint="upsampled")
+    return g.Transpose(resized, perm=[0, 2, 3, 1], hint="channels_last") if x_channels_last \
+        else resized
+
+
+# ops that read a 4-D tensor as [N, C, H, W]
+_CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool",
+                       "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+                       "BatchNormalization", "InstanceNormalization", "MaxUnpool",
+                       "SpaceToDepth", "DepthToSpace"}
+_REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2", "ReduceMin"}
+
+
+def channels_last(norm: NormalizedModel, tensor: str) -> bool:
+    """Whether the 4-D ``tensor`` is ``[N, H, W, C]``, read from the nodes that read it: a
+    Transpose with ``perm [0, 3, 1, 2]`` or a reduction over axes 1 and 2 (a Keras global
+    pooling) say channels-last; a convolution, a pooling or a Transpose ``[0, 2, 3, 1]`` say
+    channels-first. A graph input read by none of those is channels-last when its last axis
+    has 1, 3 or 4 entries and its second does not (an image ``[N, H, W, 3]``). Otherwise
+    channels-first."""
+    from onnx import helper
+
+    for node in norm.graph.node:
+        if tensor not in node.input:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Transpose" and node.input[0] == tensor:
+            perm = list(attributes.get("perm", []))
+            if perm in ([0, 3, 1, 2], [0, 2, 3, 1]):
+                return perm == [0, 3, 1, 2]
+        elif node.op_type in _CHANNELS_FIRST_OPS and node.input[0] == tensor:
+            return False
+        elif node.op_type in _REDUCE_OPS and node.input[0] == tensor:
+            axes = attributes.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1] in norm.constants:
+                axes = norm.constants[node.input[1]].tolist()
+            if axes is not None:
+                spatial = {int(a) % 4 for a in axes}
+                if spatial in ({1, 2}, {2, 3}):
+                    return spatial == {1, 2}
+    shape = norm.shapes.get(tensor)
+    if tensor in {i.name for i in norm.graph.input} and shape is not None and len(shape) == 4:
+        return shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4)
+    return False
+
+
+def class_activation_map(g: GraphBuilder, norm: NormalizedModel, finish: CamFinish,
+                         layer: str, grad: str) -> tuple[str, tuple | None]:
+    """The map of ``finish`` at ``layer`` (with its gradient ``grad``), resized to the input:
+    ``[N, 1, H, W]``, or ``[N, H, W, 1]`` for a channels-last input. A channels-last layer is
+    transposed to ``[N, C, h, w]`` first. Returns the map and its static shape."""
+    if channels_last(norm, layer):
+        layer = g.Transpose(layer, perm=[0, 3, 1, 2], hint="channels_first")
+        grad = g.Transpose(grad, perm=[0, 3, 1, 2], hint="channels_first")
+    x = norm.input_name
+    last = channels_last(norm, x)
+    cam = upsampled(g, finish(g, layer, grad), x, last)
+    shape = norm.shapes.get(x)
+    if shape is None or len(shape) != 4:
+        return cam, None
+    return cam, (shape[0], *shape[1:3], 1) if last else (shape[0], 1, *shape[2:])
 
 
 def check_layer(norm: NormalizedModel, layer: str) -> None:
@@ -117,4 +185,5 @@ def check_layer(norm: NormalizedModel, layer: str) -> None:
                           f"4-D feature map [N, K, h, w]; {layer!r} has shape {list(shape)}")
 
 
-__all__ = ["default_cam_layer", "FINISHES", "upsampled", "check_layer"]
+__all__ = ["default_cam_layer", "FINISHES", "upsampled", "check_layer", "channels_last",
+           "class_activation_map"]

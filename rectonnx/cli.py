@@ -278,7 +278,7 @@ def explain(model, images, out_dir, input_name, output_name, target, size, resiz
 
                 summary = explain_images_ray(model, images, out_dir, address=ray_address,
                                              actors=actors, gpus_per_actor=gpus_per_actor,
-                                             **options)
+                                             max_pixels=max_pixels, **options)
             else:
                 summary = explain_images(model, images, out_dir, device=device,
                                          workers=workers, max_pixels=max_pixels, **options)

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from .batch import (FORMATS, Item, Job, OutputDir, ResultWriter, Summary, _explain_groups,
-                    fit_preprocess_to_model, job_settings, load_item, parse_bytes, sidecar)
+                    check_max_pixels, fit_preprocess_to_model, job_settings, load_item,
+                    parse_bytes, sidecar)
 from .errors import RectonnxError, require
-from .images import Preprocess, iter_image_paths
+from .images import DEFAULT_MAX_PIXELS, DecodeBudget, Preprocess, iter_image_paths
 
 
 def _ray():
@@ -97,7 +98,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class ExplainerActor:
-    """``map_batches`` callable: preprocessed arrays in ``column`` -> attribution columns."""
+    """``map_batches`` callable: preprocessed arrays in ``column`` -> attribution columns.
+    A token model's other inputs (attention mask, token type ids) come from the columns of
+    the same names."""
 
     def __init__(self, graph: bytes, column: str = "image", threads: int | None = None,
                  **runtime):
@@ -107,13 +110,23 @@ class ExplainerActor:
         self.explainer = Explainer.from_graph(_load(graph), threads=threads, **runtime)
 
     def __call__(self, batch: dict) -> dict:
-        x = batch[self.column]
-        if x.dtype == object:  # rows of equal shape that Arrow kept as objects
-            x = np.stack(list(x))
-        target = batch.get("target")
-        result = self.explainer.explain(x, target)
+        missing = [name for name in (self.column, *self.explainer.other_inputs)
+                   if name not in batch]
+        if missing:
+            raise RectonnxError(f"the dataset has no column(s) {missing} (columns: "
+                                f"{sorted(batch)}); the explainer reads the model's input from "
+                                f"column {self.column!r} and its other inputs from columns of "
+                                "their names")
+        x = _stacked(batch[self.column])
+        others = {name: _stacked(batch[name]) for name in self.explainer.other_inputs}
+        result = self.explainer.explain(x, batch.get("target"), **others)
         return {**batch, "attribution": result.attribution, "logits": result.logits,
                 "target": result.target}
+
+
+def _stacked(column: np.ndarray) -> np.ndarray:
+    """A column as one array (rows of equal shape that Arrow kept as objects are stacked)."""
+    return np.stack(list(column)) if column.dtype == object else column
 
 
 def explain_dataset(ds, model, method=None, *, column: str = "image",
@@ -122,7 +135,9 @@ def explain_dataset(ds, model, method=None, *, column: str = "image",
                     gpus_per_actor: float = 0, **options):
     """``ds.map_batches`` with an actor pool of explainers; a ``target`` column is used if
     present (negative = predicted class). ``method`` and ``options`` as for
-    ``rectonnx.rewrite``. Lazy, like every Ray Dataset transform."""
+    ``rectonnx.rewrite``. For a token model ``column`` holds the ids and its other inputs
+    (``attention_mask``, ...) are read from the columns of their names. Lazy, like every Ray
+    Dataset transform."""
     ray = _ray()
     graph = _explainer_graph(model, method, options, input_name=input_name,
                              output_name=output_name)
@@ -141,7 +156,8 @@ class FileJobActor:
 
     def __init__(self, graph: bytes, method: str, preprocess: dict, out_dir: str, fmt: str,
                  write_png: bool, write_overlay: bool, target: int, classes,
-                 threads: int | None = None, workers: int = 2, **runtime):
+                 threads: int | None = None, workers: int = 2,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, **runtime):
         from .runtime import Explainer
 
         self.explainer = Explainer.from_graph(_load(graph), threads=threads, spinning=False,
@@ -149,6 +165,8 @@ class FileJobActor:
         self.preprocess = Preprocess.from_dict(preprocess)
         self.target, self.write_overlay = target, write_overlay
         self.pool = ThreadPoolExecutor(max(1, workers))
+        # the actor's decoding threads share one budget, as the local job's do
+        self.max_pixels, self.budget = max_pixels, DecodeBudget.for_pixels(max_pixels)
         output = OutputDir(Path(out_dir))  # the driver holds the lock and made the temp dir
         self.writer = ResultWriter(output, None, fmt=fmt, shard_size=1 << 30,
                                    layout=self.preprocess.layout, method=method,
@@ -160,7 +178,8 @@ class FileJobActor:
         items = [Item(Path(p), str(k), str(n))
                  for p, k, n in zip(batch["path"], batch["key"], batch["name"])]
         loaded = list(self.pool.map(
-            lambda item: load_item(item, self.preprocess, self.write_overlay), items))
+            lambda item: load_item(item, self.preprocess, self.write_overlay,
+                                   max_pixels=self.max_pixels, budget=self.budget), items))
         good = [(item, r) for item, r in zip(items, loaded) if not isinstance(r, str)]
         failed = [json.dumps({"input": item.key, "error": r})
                   for item, r in zip(items, loaded) if isinstance(r, str)]
@@ -179,11 +198,12 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
                        memory_budget=None,
                        fmt="npy", shard_size=None, write_png=True, write_overlay=True,
                        address=None, actors=None, cpus_per_actor=1, gpus_per_actor=0,
-                       progress=True, **options) -> Summary:
+                       max_pixels=DEFAULT_MAX_PIXELS, progress=True, **options) -> Summary:
     """:func:`rectonnx.batch.explain_images` on Ray (same outputs, manifest and resume).
 
     ``shard_size`` is ignored: with ``fmt="shards"`` each Ray batch (``batch_size`` images)
-    becomes one ``shard-<id>.npz``.
+    becomes one ``shard-<id>.npz``. ``max_pixels``: as for the local job, in every actor (whose
+    decoding threads share one decode budget).
     """
     from tqdm import tqdm
 
@@ -191,6 +211,7 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_max_pixels(max_pixels)
     ray = _ray()
     paths = iter_image_paths(sources)
     graph = _explainer_graph(model, method, options, input_name=input_name,
@@ -228,7 +249,7 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
                 out_dir=str(job.output.root.resolve()), fmt=fmt, write_png=write_png,
                 write_overlay=write_overlay, target=target,
                 classes=sidecar(model).get("classes"), threads=max(1, int(cpus_per_actor)),
-                **runtime),
+                max_pixels=max_pixels, **runtime),
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
         bar = tqdm(total=len(rows), unit="img", desc=f"{method} (ray)", disable=not progress,

@@ -91,6 +91,13 @@ def coverage(model, *, input_name: str | None = None, output_name: str | None = 
         return "\n".join(lines), str(exc)
     node_names_filled(norm.graph)
     lines += attribution_lines(proto, norm, chosen_by_user=input_name is not None)
+    if norm.upcast_from == "float16":
+        lines.append("precision: a float16 model; its explainer computes in float16 as deployed "
+                     "(precision='model', the default; percentile thresholds in float32), or "
+                     "in float32 with its weights upcast (precision='fp32')")
+    elif norm.upcast_from:
+        lines.append(f"precision: a {norm.upcast_from} model; its explainer computes in float32 "
+                     "with its weights upcast (bfloat16 is not computed as deployed)")
     path_counts = Counter(n.op_type for n in norm.path_nodes)
     missing = unsupported_nodes(norm)
     lines.append(f"after normalisation to opset {TARGET_OPSET}: {len(norm.path_nodes)} nodes "

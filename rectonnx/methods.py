@@ -24,15 +24,20 @@ flag. The maths of each method: gates.py, baselines.py and docs/maths.md.
 | gradcam++ | Grad-CAM with the closed-form ``alpha`` weights | Chattopadhay et al. 2018 |
 | layercam | ``relu(sum_k relu(dS/dA_k) A_k)``, resized | Jiang et al. 2021 |
 
-Option ``wrt`` (saliency, grad_input, rectgrad): the attribution with respect to an
-intermediate tensor instead of the input (its shape; Captum's ``LayerGradient``,
-``LayerGradientXActivation``); the backward walks only from the logits to that tensor. The CAM
+Option ``wrt`` (saliency, grad_input, rectgrad, smoothgrad, integrated_gradients, deeplift):
+the attribution with respect to an intermediate tensor instead of the input (its shape;
+Captum's ``LayerGradient``, ``LayerGradientXActivation``, ``LayerIntegratedGradients``,
+``LayerDeepLift``); the backward walks only from the logits to that tensor. The methods with
+copies make them at that tensor (the path from the baseline, the noise: taken there, the
+baseline given at that tensor; baselines.Copies.feed). The CAM
 methods (cam.py) take ``layer`` (default: the last 4-D activation before the global pooling or
 flatten) and return ``[N, 1, H, W]`` maps at the input's spatial size.
 
 Token models (integer ids): the backward stops at the embedding output (or ``wrt``) and the
 common option ``token_reduction`` reduces ``[N, T, D]`` to ``[N, T]`` (``token_reduction()``;
-docs/maths.md, 'Token models'); the methods that run copies are refused there.
+docs/maths.md, 'Token models'); the methods that run copies make them at that embedding output
+(Integrated Gradients from a baseline embedding, 0 by default, as Captum's
+``LayerIntegratedGradients`` on the embedding layer).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ if TYPE_CHECKING:
 
 RUNTIMES = ("any", "onnxruntime-cpu")
 TOKEN_REDUCTIONS = ("auto", "norm", "sum", "none")
+PRECISIONS = ("model", "fp32")
 # methods whose attribution multiplies by the input: per token, their sum over the embedding
 # dimension ("gradient dot input", as Google's LIT does); the others take the L2 norm
 TIMES_INPUT_METHODS = frozenset({"grad_input", "rectgrad", "integrated_gradients", "deeplift",
@@ -100,6 +106,11 @@ COMMON_OPTIONS = (
            "over D ('sum', gradient dot input); 'auto' is sum for the methods that multiply "
            "by the input (grad_input, rectgrad, ...) and norm for the others; 'none' keeps "
            "[N, T, D]. Ignored for other models.", choices=TOKEN_REDUCTIONS),
+    Option("precision", "choice", "model",
+           "float16 models only: 'model' computes the forward and backward pass in float16 as "
+           "deployed (the percentile thresholds in float32; the graph takes and returns "
+           "float16), 'fp32' upcasts the weights and computes in float32. bfloat16 models "
+           "compute in float32. Ignored for float32 models.", choices=PRECISIONS),
 )
 
 # -- the methods' own options ----------------------------------------------------------------------
@@ -127,8 +138,9 @@ INTEGRATION = Option("integration", "choice", "riemann_right", "Integrated Gradi
 EPSILON = Option("epsilon", "float", 1e-4, "epsilon-LRP: the stabiliser epsilon.", low=0.0,
                  open_low=True)
 WRT = Option("wrt", "text", None, "Layer attribution: the name of the (normalised) graph's "
-             "tensor to attribute to instead of the input; the attribution has its shape.",
-             nullable=True)
+             "tensor to attribute to instead of the input; the attribution has its shape "
+             "(smoothgrad, integrated_gradients, deeplift: their copies are made at that "
+             "tensor, the baseline is given there).", nullable=True)
 LAYER = Option("layer", "text", None, "Grad-CAM family: the 4-D feature map [N, K, h, w] "
                "(a tensor name) the map is computed at; default: the last one before the "
                "global pooling or flatten (`rectonnx info` names it).", nullable=True)
@@ -174,6 +186,11 @@ def _make_rectgrad(s: Mapping[str, Any]) -> Method:
                   positive_times_input, summary, {"q": q, "tau": tau}, wrt=s["wrt"])
 
 
+def _at_wrt(make: Callable[[Mapping[str, Any]], Method]) -> Callable[[Mapping[str, Any]], Method]:
+    """``make`` with the setting ``wrt`` passed on to the method."""
+    return lambda s: dataclasses.replace(make(s), wrt=s["wrt"])
+
+
 def _check_rectgrad(s: Mapping[str, Any], given: set) -> None:
     if s["tau"] is not None and "q" in given:
         raise OptionError("rectgrad takes either q (a percentile) or tau (a constant "
@@ -210,14 +227,14 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 "per-layer percentile", _make_rectgrad, (Q, TAU, Q_INPUT, WRT),
                 defaults={"padding_trick": "exact"}, check=_check_rectgrad),
     MethodEntry("smoothgrad", "saliency averaged over noisy copies",
-                lambda s: baselines.smoothgrad(s["samples"], s["sigma"], s["seed"]),
-                (SAMPLES, SIGMA, SEED)),
+                _at_wrt(lambda s: baselines.smoothgrad(s["samples"], s["sigma"], s["seed"])),
+                (SAMPLES, SIGMA, SEED, WRT)),
     MethodEntry("integrated_gradients", "path integral of the gradient from a baseline",
-                lambda s: baselines.integrated_gradients(s["steps"], s["baseline"],
-                                                         s["integration"]),
-                (STEPS, BASELINE, INTEGRATION), check=_check_integration),
+                _at_wrt(lambda s: baselines.integrated_gradients(s["steps"], s["baseline"],
+                                                                 s["integration"])),
+                (STEPS, BASELINE, INTEGRATION, WRT), check=_check_integration),
     MethodEntry("deeplift", "DeepLIFT, Rescale rule against a baseline",
-                lambda s: baselines.deeplift(s["baseline"]), (BASELINE,)),
+                _at_wrt(lambda s: baselines.deeplift(s["baseline"])), (BASELINE, WRT)),
     MethodEntry("epsilon_lrp", "layer-wise relevance, epsilon rule",
                 lambda s: baselines.epsilon_lrp(s["epsilon"]), (EPSILON,)),
     _cam("gradcam", "Grad-CAM: channels weighted by their mean gradient at a layer"),

@@ -337,23 +337,35 @@ def upcast_half_precision(graph: onnx.GraphProto) -> str | None:
 
 def dequantize_constant_weights(graph: onnx.GraphProto) -> None:
     """``DequantizeLinear`` of constant integers (a QDQ model's weights and biases) becomes its
-    float initializer ``(w - zero_point) * scale`` (per tensor, or per ``axis``): onnx's
-    reference evaluator, which folds the other constants, has no DequantizeLinear before
-    opset 19."""
+    float initializer ``(w - zero_point) * scale``: per tensor, per ``axis``, or blocked
+    (opset 21 ``block_size`` B: scale and zero point hold one value per B consecutive entries
+    along ``axis``, e.g. int4 weight-only quantization). onnx's reference evaluator, which
+    folds the other constants, has no DequantizeLinear before opset 19."""
     values = {t.name: t for t in graph.initializer}
     kept = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
-        if node.op_type != "DequantizeLinear" or not all(i in values for i in inputs) or \
-                any(a.name == "block_size" and a.i for a in node.attribute):
+        if node.op_type != "DequantizeLinear" or not all(i in values for i in inputs):
             kept.append(node)
             continue
+        attributes = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
         w = numpy_helper.to_array(values[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(values[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(values[node.input[2]]).astype(np.float32) \
             if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
-        if scale.ndim == 1 and scale.size > 1 and w.ndim > 1:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+        block = attributes.get("block_size", 0)
+        if block and w.ndim:
+            axis = attributes.get("axis", 1) % w.ndim
+            size = w.shape[axis]
+            if scale.shape[axis] != -(-size // block):
+                raise InvalidModelError(
+                    f"DequantizeLinear {node.name or node.output[0]!r}: block_size {block} "
+                    f"along axis {axis} needs {-(-size // block)} scales there, the scale has "
+                    f"shape {list(scale.shape)}")
+            scale, zero = (np.take(np.repeat(v, block, axis=axis), np.arange(size), axis=axis)
+                           for v in (scale, zero))
+        elif scale.ndim == 1 and scale.size > 1 and w.ndim > 1:
+            axis = attributes.get("axis", 1) % w.ndim
             shape = [1] * w.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
@@ -695,6 +707,7 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
         raise InvalidModelError("the model has no outputs")
     drop_initializer_inputs(proto)
     constant_nodes_to_initializers(proto.graph, max_folded_elements)
+    dequantize_constant_weights(proto.graph)  # before the opset converter: blocked (opset 21)
     light, large = light_copy(proto)
     try:
         onnx.checker.check_model(light)
@@ -709,7 +722,6 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
     proto = join_light_copy(light, large)
     proto.ir_version = OUTPUT_IR_VERSION
     constant_nodes_to_initializers(proto.graph, max_folded_elements)
-    dequantize_constant_weights(proto.graph)
     upcast = upcast_half_precision(proto.graph)
     fold_constants(proto, max_folded_elements)
     remove_identities(proto.graph)

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .artifact import describe_source, read_stamp, source_fingerprint, stamp
 from .baselines import SINGLE, final_threshold
 from .builder import GraphBuilder
-from .cam import check_layer, default_cam_layer, upsampled
+from .cam import check_layer, class_activation_map, default_cam_layer
 from .errors import InvalidModelError, UnsupportedModelError
 from .methods import RUNTIMES, build, rules_of, token_reduction
 from .options import OptionError
@@ -107,22 +107,22 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
                       overrides=rules_of(chosen), opset=TARGET_OPSET,
                       max_unpool=settings["runtime"] == "onnxruntime-cpu")
     copies = chosen.copies or SINGLE
-    differentiated = copies.feed(norm, g, LOGITS)
+    differentiated, stop = copies.feed(norm, g, LOGITS, wrt)
     g.scope("seed")
     seed = one_hot_seed(g, norm, LOGITS, TARGET)
-    grad_input = backpropagate(differentiated, ctx, copies.repeat(g, seed), wrt)
+    grad_input = backpropagate(differentiated, ctx, copies.repeat(g, seed), stop)
     g.scope("attribution")
     x = norm.input_name if wrt is None else wrt
     rank = len(norm.shapes.get(x) or ())
-    attribution = chosen.finish(g, x, copies.combine(g, grad_input, rank))
-    attribution_shape = norm.shapes.get(x)
+    grads = copies.combine(g, grad_input, rank)
+    if chosen.cam:
+        attribution, attribution_shape = class_activation_map(g, norm, chosen.finish, x, grads)
+    else:
+        attribution, attribution_shape = chosen.finish(g, x, grads), norm.shapes.get(x)
     if norm.embedding is not None and rank == 3:
         attribution, attribution_shape = per_token(
             g, attribution, attribution_shape,
             token_reduction(spec.method, settings["token_reduction"]))
-    if chosen.cam:
-        attribution = upsampled(g, attribution, norm.input_name)
-        attribution_shape = _cam_shape(norm.shapes.get(norm.input_name))
     if settings["final_percentile"] is not None:
         attribution = final_threshold(g, attribution, attribution_shape,
                                       settings["final_percentile"],
@@ -139,8 +139,12 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
     defaults = {Q: np.array([settings["q"]], np.float64)} if settings.get("q_input") else {}
     explainer = assemble(norm, g, spec.method, extra, defaults,
                          attribution_shape="input" if wrt is None else attribution_shape)
+    from .precision import in_precision  # a float16 model computes in float16 (or fp32)
+
+    explainer, computes_in = in_precision(explainer, proto, source_names[0], norm.upcast_from,
+                                          settings["precision"])
     stamp(explainer, spec, source_sha256=fingerprint, input_name=source_names[0],
-          output_name=source_names[1], upcast_from=norm.upcast_from)
+          output_name=source_names[1], upcast_from=norm.upcast_from, computes_in=computes_in)
     for message in ctx.warnings:
         warnings.warn(VanishingMapWarning(message), stacklevel=2)
     return explainer
@@ -170,13 +174,6 @@ def _stop_at(norm: NormalizedModel, method) -> str | None:
                           f"token ids (input {norm.input_name!r}) do not have; use saliency, "
                           "grad_input or rectgrad (per token)")
     if norm.embedding is not None and not method.cam and method.wrt is None:
-        if method.copies is not None:
-            raise OptionError(
-                f"{method.name} runs copies of each sample (noise or a path from a baseline), "
-                f"which is not defined for the integer token ids of input "
-                f"{norm.input_name!r}; use saliency, grad_input, rectgrad, deconvnet, "
-                "guided_backprop or epsilon_lrp (attributed at the embedding output "
-                f"{norm.embedding!r})")
         return norm.embedding
     if not method.cam and method.wrt is None:
         return None
@@ -188,20 +185,13 @@ def _stop_at(norm: NormalizedModel, method) -> str | None:
             raise UnsupportedModelError(
                 f"{method.name}: found no 4-D feature map before a global pooling or flatten "
                 "between the input and the logits; name the layer (option layer)", [])
-    if method.copies is not None:
-        raise OptionError(f"{method.name} runs copies of each sample and cannot stop at "
-                          f"option {option} = {wrt!r}")
     path_between(norm, wrt, option)  # validates the name
+    if method.copies is not None and wrt == norm.logits_name:
+        raise OptionError(f"{method.name} makes its copies at option wrt = {wrt!r}, which is "
+                          "the scores tensor itself: name a tensor before the scores")
     if method.cam:
         check_layer(norm, wrt)
     return None if wrt == norm.input_name and not method.cam else wrt
-
-
-def _cam_shape(input_shape):
-    """``[N, 1, H, W]`` of an input ``[N, C, H, W]``."""
-    if input_shape is None or len(input_shape) != 4:
-        return None
-    return (input_shape[0], 1, *input_shape[2:])
 
 
 def _recording(method, layers: dict[str, str]):

@@ -310,6 +310,9 @@ class Explainer:
                                         lean_memory=memory_budget_mb is not None,
                                         spinning=spinning)
         except onnxruntime_errors() as exc:
+            half = _half_failure(graph, onnxruntime_reason(exc))
+            if half is not None:
+                raise half from None
             raise ExecutionError(f"onnxruntime cannot load the explainer graph: "
                                  f"{onnxruntime_reason(exc)}") from None
         self.io_binding = io_binding
@@ -359,7 +362,9 @@ class Explainer:
                              "values: scale/normalise the pixels first (see rectonnx.images)")
         if x.dtype.kind != "f":
             raise InputError(f"the batch has dtype {x.dtype}; expected float32")
-        x = x.astype(np.float32, copy=False)
+        # the graph's own input type: float32, or float16 for a float16 model computed in
+        # float16 (precision="model", precision.py)
+        x = x.astype(getattr(self, "_input_dtype", np.float32), copy=False)
         expected = self.input_shape
         if len(expected) == x.ndim + 1 and all(
                 e is None or e == s for e, s in zip(expected[1:], x.shape)):
@@ -540,7 +545,8 @@ class Explainer:
         self._check_scores(logits, targets)
         result = _explanation(attribution, logits, targets)
         return dataclasses.replace(result, layers={
-            name[len(ATTRIBUTION) + 1:]: value for name, value in zip(self.layer_names, layers)})
+            name[len(ATTRIBUTION) + 1:]: value.astype(np.float32) if value.dtype == np.float16
+            else value for name, value in zip(self.layer_names, layers)})
 
     def _check_scores(self, logits: np.ndarray, targets: np.ndarray) -> None:
         """Targets against the class count of the scores (a dynamic count is known now)."""
@@ -559,6 +565,9 @@ class Explainer:
         inside it) from a scores tensor without classes or an explainer-graph failure."""
         reason = onnxruntime_reason(exc)
         shape = list(batch.shape)
+        half = _half_failure(self.graph, reason)
+        if half is not None:
+            return half
         if "allocat" in reason.lower():
             return ExecutionError(f"onnxruntime ran out of memory on a batch of shape {shape} "
                                   f"({reason}); use a smaller batch_size (--batch-size) or a "
@@ -631,9 +640,30 @@ class Explainer:
 
 def _explanation(attribution: np.ndarray, logits: np.ndarray,
                  targets: np.ndarray) -> Explanation:
-    """The result of ``explain``: negative targets become the predicted class."""
+    """The result of ``explain``: negative targets become the predicted class; a float16
+    graph's outputs are returned as float32 (the same values)."""
+    attribution, logits = (a.astype(np.float32) if a.dtype == np.float16 else a
+                           for a in (attribution, logits))
     resolved = np.where(targets < 0, logits.argmax(axis=1), targets) if len(targets) else targets
     return Explanation(attribution, logits, resolved)
+
+
+def _half_failure(graph: onnx.ModelProto, reason: str) -> ExecutionError | None:
+    """The error for an onnxruntime failure of a graph that computes in float16 for lack of a
+    float16 kernel (the CPU provider of onnxruntime 1.31 has no float16 ScatterElements with
+    reduction 'add', which the portable max-pool backward uses); None for other failures."""
+    made = read_stamp(graph)
+    if made is None or made.computes_in != "float16":
+        return None
+    if not any(word in reason for word in ("MLFloat16", "float16", "NOT_IMPLEMENTED",
+                                           "Could not find an implementation")):
+        return None
+    return ExecutionError(
+        f"onnxruntime cannot run this explainer graph in float16 ({reason}): it computes in "
+        "float16 as the float16 model does (precision='model'), and this execution provider "
+        "lacks a float16 kernel. Use precision='fp32' (--precision fp32: computes in float32 "
+        "with the weights upcast), the CUDAExecutionProvider, or on the CPU provider "
+        "runtime='onnxruntime-cpu' (its max-pool backward runs in float16)")
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:

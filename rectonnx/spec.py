@@ -104,7 +104,8 @@ class ExplanationSpec:
                  if v not in (None, False) and not (k == "threshold" and v == "topk")
                  and not (k == "recall" and self._settings.get("threshold") != "approx")
                  and not (k == "runtime" and v == "any")
-                 and not (k == "token_reduction" and v == "auto")}
+                 and not (k == "token_reduction" and v == "auto")
+                 and not (k == "precision" and v == "model")}
         return self._method + (" (" + ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
                                + ")" if shown else "")
 

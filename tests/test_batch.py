@@ -311,6 +311,19 @@ def test_ray_job_writes_what_the_local_job_writes_and_resumes(model_file, tmp_pa
         assert row["target"] == expected[row["input"]][1]
 
 
+def test_ray_job_refuses_images_over_max_pixels(model_file, tmp_path, local_ray):
+    from rectonnx.distributed import explain_images_ray
+
+    make_images(tmp_path / "images", 4, nested=False)
+    with pytest.raises(ValueError, match="--max-pixels"):
+        explain_images_ray(model_file, [tmp_path / "images"], tmp_path / "bad", max_pixels=0,
+                           **FAST)
+    summary = explain_images_ray(model_file, [tmp_path / "images"], tmp_path / "out",
+                                 actors=1, max_pixels=50, **FAST)
+    assert summary.explained == 0 and len(summary.failures) == 4
+    assert all("--max-pixels" in message for _, message in summary.failures)
+
+
 def test_ray_dataset_map_batches_adds_attribution_columns(model_file, local_ray):
     from rectonnx.distributed import explain_dataset
 
@@ -323,6 +336,51 @@ def test_ray_dataset_map_batches_adds_attribution_columns(model_file, local_ray)
         np.testing.assert_allclose(row["attribution"], expected.attribution[row["id"]],
                                    rtol=0, atol=1e-6)
         assert row["target"] == expected.target[row["id"]]
+
+
+class MaskedTokens(torch.nn.Module):
+    """A token classifier with an attention mask: the masked mean of the embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, ids, attention_mask):
+        weights = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(ids) * weights).sum(1) / weights.sum(1)
+        return self.head(torch.tanh(pooled))
+
+
+def test_ray_dataset_explains_token_ids_with_their_mask(tmp_path, local_ray):
+    from rectonnx.distributed import explain_dataset
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (2, 5))
+    path = tmp_path / "tokens.onnx"
+    axes = {0: "N", 1: "T"}
+    torch.onnx.export(MaskedTokens().eval(), (ids, torch.ones_like(ids)), str(path),
+                      dynamo=False, input_names=["ids", "attention_mask"],
+                      output_names=["logits"], dynamic_axes={"ids": axes,
+                                                             "attention_mask": axes})
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 20, (6, 5))
+    mask = np.ones((6, 5), np.int64)
+    mask[::2, 3:] = 0
+    rows = [{"ids": t, "attention_mask": m, "id": i}
+            for i, (t, m) in enumerate(zip(tokens, mask))]
+    out = explain_dataset(local_ray.data.from_items(rows), path, "integrated_gradients",
+                          column="ids", steps=4, batch_size=3, actors=1).take_all()
+    expected = rectonnx.Explainer(path, "integrated_gradients", steps=4).explain(
+        tokens, attention_mask=mask)
+    for row in out:
+        np.testing.assert_allclose(row["attribution"], expected.attribution[row["id"]],
+                                   rtol=0, atol=1e-6)
+    assert np.abs(expected.attribution[0, 3:]).max() == 0  # masked tokens get nothing
+    no_mask = [{"ids": t} for t in tokens]
+    with pytest.raises(Exception, match="attention_mask"):
+        explain_dataset(local_ray.data.from_items(no_mask), path, "saliency",
+                        column="ids").take_all()
 
 
 def test_device_choice(model_file, tmp_path):

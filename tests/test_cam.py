@@ -8,7 +8,10 @@
 * ``gradcam++`` and ``layercam`` = a literal torch statement of their formulas (docs/maths.md),
   with ``g`` from torch autograd at the layer.
 * ``wrt``: saliency, grad_input and rectgrad at an intermediate tensor, the first two against
-  Captum's ``LayerGradientXActivation`` (``multiply_by_inputs=False``: the layer gradient).
+  Captum's ``LayerGradientXActivation`` (``multiply_by_inputs=False``: the layer gradient);
+  integrated gradients and DeepLIFT against Captum's ``LayerIntegratedGradients`` and
+  ``LayerDeepLift`` (inside a residual block, whose skip branch crosses the layer, and where
+  nothing crosses), SmoothGrad against its definition at the layer (torch autograd).
 * The backward stops at the layer: no gradient node for anything before it.
 * The default layer of the shipped models, and ``rectonnx info`` naming it.
 """
@@ -201,6 +204,112 @@ def test_layer_attribution_equals_captum(nets, method, times, net, layer, node):
     assert_close(attribution, expected, f"layer {method} vs Captum", TOL, f"{net}/{layer}")
 
 
+def layer_value(module, layer, x) -> torch.Tensor:
+    """Module ``layer``'s output on ``x`` (float64)."""
+    seen = {}
+    handle = layer.register_forward_hook(lambda _, __, out: seen.__setitem__("a", out.detach()))
+    with torch.no_grad():
+        module(torch.as_tensor(x, dtype=torch.float64))
+    handle.remove()
+    return seen["a"]
+
+
+# the residual net's layers: inside the block (its skip branch crosses the layer, so every
+# input is repeated per copy) and the block's stem ReLU (nothing crosses: copies made there)
+LAYERS = [("resnet", "block.relu1", "/block/relu1/Relu"), ("resnet", "relu", "/relu/Relu"),
+          ("cnn", "relu1", "/relu1/Relu")]
+
+
+@pytest.mark.parametrize("net,layer,node", LAYERS)
+def test_layer_integrated_gradients_and_deeplift_equal_captum(nets, net, layer, node):
+    """Captum's LayerIntegratedGradients and LayerDeepLift take a baseline of the input and
+    use the layer's value on it; rectonnx takes the baseline at the layer: that value."""
+    from captum.attr import DeepLift, LayerDeepLift, LayerIntegratedGradients
+
+    built, x = nets
+    module, model = built[net]
+    targets = torch.as_tensor(targets_of(module, x))
+    double = copy.deepcopy(module).double()
+    at = dict(double.named_modules())[layer]
+    zero = torch.zeros((1, *x.shape[1:]), dtype=torch.float64)
+    baseline = layer_value(double, at, zero).numpy().astype(np.float32)
+    inputs = torch.tensor(x, dtype=torch.float64)
+    for integration, captum_method in (("riemann_right", "riemann_right"),
+                                       ("gausslegendre", "gausslegendre")):
+        expected = LayerIntegratedGradients(double, at).attribute(
+            inputs, baselines=zero, target=targets, n_steps=8,
+            method=captum_method).detach().numpy()
+        _, got = explain(model, x, TARGETS, "integrated_gradients", wrt=tensor_of(model, node),
+                         steps=8, baseline=baseline, integration=integration)
+        assert_close(got, expected, "Captum LayerIntegratedGradients", TOL,
+                     f"{net}/{layer}/{integration}")
+    _, got = explain(model, x, TARGETS, "deeplift", wrt=tensor_of(model, node),
+                     baseline=baseline)
+    if layer != "block.relu1":
+        expected = LayerDeepLift(double, at).attribute(inputs, baselines=zero,
+                                                       target=targets).detach().numpy()
+        assert_close(got, expected, "Captum LayerDeepLift", TOL, f"{net}/{layer}")
+    else:  # the skip branch crosses the layer: held at the sample, as LayerIntegratedGradients
+        # does (Captum's LayerDeepLift would run it on the input baseline): Captum's DeepLift
+        # of the net after the layer, with the layer's output as its input
+        class After(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = double
+
+            def forward(self, value, image):
+                handle = at.register_forward_hook(lambda _, __, out: value)
+                try:
+                    return self.net(image)
+                finally:
+                    handle.remove()
+
+        expected = DeepLift(After()).attribute(
+            layer_value(double, at, inputs), baselines=torch.as_tensor(baseline).double(),
+            target=targets, additional_forward_args=(inputs,)).detach().numpy()
+        assert_close(got, expected, "Captum DeepLift of the net after the layer", TOL,
+                     f"{net}/{layer}")
+
+
+@pytest.mark.parametrize("net,layer,node", LAYERS[:2])
+def test_layer_smoothgrad_is_its_definition_at_the_layer(nets, net, layer, node):
+    """SmoothGrad at a layer: the mean gradient at ``A + sigma (max A - min A) e_k`` (the
+    layer's own value range per sample, rectonnx's embedded noise), by torch autograd with the
+    layer's output replaced."""
+    from rectonnx.baselines import sample_noise
+
+    built, x = nets
+    module, model = built[net]
+    targets = torch.as_tensor(targets_of(module, x))
+    double = copy.deepcopy(module).double()
+    at = dict(double.named_modules())[layer]
+    inputs = torch.tensor(x, dtype=torch.float64)
+    a = layer_value(double, at, inputs)
+    samples, sigma = 3, 0.2
+    noise = torch.as_tensor(sample_noise(samples, tuple(a.shape[1:]), 7), dtype=torch.float64)
+    spread = (a.amax(dim=(1, 2, 3)) - a.amin(dim=(1, 2, 3))).reshape(-1, 1, 1, 1)
+    total = torch.zeros_like(a)
+    for k in range(samples):
+        noisy = (a + sigma * spread * noise[k]).requires_grad_(True)
+        handle = at.register_forward_hook(lambda _, __, out, t=noisy: t)
+        logits = double(inputs)
+        handle.remove()
+        logits[torch.arange(len(x)), targets].sum().backward()
+        total += noisy.grad / samples
+    _, got = explain(model, x, TARGETS, "smoothgrad", wrt=tensor_of(model, node),
+                     samples=samples, sigma=sigma, seed=7)
+    assert_close(got, total.numpy(), "torch autograd (SmoothGrad at a layer)", TOL,
+                 f"{net}/{layer}")
+
+
+def test_copies_at_a_layer_refuse_the_scores_tensor(nets):
+    built, _ = nets
+    _, model = built["cnn"]
+    scores = model.graph.output[0].name
+    with pytest.raises(ValueError, match="scores tensor itself"):
+        rectonnx.rewrite(model, "integrated_gradients", wrt=scores)
+
+
 def test_layer_rectgrad_is_relu_of_activation_times_its_gradient(nets):
     """At the residual block's output no activation lies between the layer and the logits, so
     RectGrad's attribution there is ``relu(A dS/dA)`` (torch autograd); inside the block the
@@ -215,6 +324,47 @@ def test_layer_rectgrad_is_relu_of_activation_times_its_gradient(nets):
     inner = tensor_of(model, "/block/relu1/Relu")
     _, gated = explain(model, x, TARGETS, "rectgrad", q=50.0, wrt=inner)
     assert gated.shape == (len(x), 8, 6, 6) and gated.any() and (gated >= 0).all()
+
+
+class ChannelsLast(nn.Module):
+    """A Keras-like net: NHWC images, NCHW convolutions between two Transposes, and a global
+    average over axes 1 and 2 of the channels-last feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        a = self.relu2(self.conv2(self.relu1(self.conv1(x.permute(0, 3, 1, 2)))))
+        return self.fc(a.permute(0, 2, 3, 1).mean(dim=(1, 2)))
+
+
+def test_channels_last_models_get_maps_in_their_layout():
+    module = _randomised(ChannelsLast(), 3)
+    x = np.random.default_rng(5).normal(size=(len(TARGETS), 12, 14, 3)).astype(np.float32)
+    model = export(module, x[:1])
+    layer = default_cam_layer(normalize(model))
+    transpose = next(n for n in model.graph.node if n.output[0] == layer)
+    assert transpose.op_type == "Transpose"  # the [N, h, w, K] map before the pooling
+    logits, cam = explain(model, x, TARGETS, "gradcam")
+    assert cam.shape == (len(TARGETS), 12, 14, 1)
+    chosen = np.where(np.asarray(TARGETS) < 0, logits.argmax(1), TARGETS)
+    double = copy.deepcopy(module).double()
+    expected = LayerGradCam(double, double.relu2).attribute(
+        torch.tensor(x, dtype=torch.float64), target=torch.as_tensor(chosen),
+        relu_attributions=True)
+    expected = LayerAttribution.interpolate(expected, (12, 14), interpolate_mode="bilinear")
+    assert_close(cam, expected.detach().numpy().transpose(0, 2, 3, 1),
+                 "Captum LayerGradCam (channels-last)", TOL)
+    channels_first = tensor_of(model, "/relu2/Relu")
+    for method in ("gradcam++", "layercam"):
+        _, default = explain(model, x, TARGETS, method)
+        _, named = explain(model, x, TARGETS, method, layer=channels_first)
+        assert_close(default, named, f"{method} at the NCHW layer", TOL)
 
 
 def test_the_backward_stops_at_the_layer(nets):
@@ -256,7 +406,7 @@ def test_bad_layers_are_one_clear_error(nets):
         rectonnx.rewrite(model, "saliency", wrt="nope")
     with pytest.raises(ValueError, match="option layer"):
         rectonnx.ExplanationSpec("gradcam", layer="")
-    for method in ("integrated_gradients", "deeplift", "smoothgrad"):
+    for method in ("deconvnet", "guided_backprop", "epsilon_lrp"):
         with pytest.raises(ValueError, match=f"{method} has no option wrt"):
             rectonnx.ExplanationSpec(method, wrt="x")
 

@@ -130,3 +130,38 @@ def test_quantize_static_models_are_explained(quantized_paper_cnn, method):
     assert (logits.argmax(1) == float_logits.argmax(1)).all()
     # measured 0.983 (saliency) and 0.985 (rectgrad) median on these six images
     assert min(cosine(a, b) for a, b in zip(maps, float_maps)) > 0.9
+
+
+def test_blocked_int4_weights_are_dequantized(rng):
+    """Opset 21 blocked quantization (``block_size``; int4 weight-only, as for LLM MatMuls):
+    the constant weight becomes ``(w - zp) * scale`` with each scale and zero point repeated
+    over its block; the explainer's logits equal onnxruntime's run of the blocked model and
+    its gradient equals that of the float weight (a float model with it, torch autograd)."""
+    w = rng.integers(-8, 8, (8, 5)).astype(np.int8)  # [K, C]: blocks of 4 along K (axis 0)
+    scale = rng.uniform(0.05, 0.2, (2, 5)).astype(np.float32)
+    zero = rng.integers(-2, 2, (2, 5)).astype(np.int8)
+    int4 = [helper.make_tensor(name, TensorProto.INT4, v.shape, v.flatten().tolist())
+            for name, v in (("w", w), ("z", zero))]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0,
+                              block_size=4),
+             helper.make_node("MatMul", ["x", "wf"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [*int4, numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    target = np.array([0, 1, 4, 2])
+    logits, attribution = run_explainer(rectonnx.rewrite(model, "saliency"), x, target)
+    assert_close(logits, session(model).run(None, {"x": x})[0],
+                 "onnxruntime (blocked int4 model)")
+    real = torch.tensor((w - np.repeat(zero, 4, 0)) * np.repeat(scale, 4, 0),
+                        dtype=torch.float64)
+    inputs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.relu(inputs @ real)[torch.arange(4), torch.as_tensor(target)].sum().backward()
+    assert_close(attribution, inputs.grad.numpy(), "torch autograd (blocked int4 weights)")
+    wrong = helper.make_graph(nodes, "blocked", list(graph.input), list(graph.output),
+                              [*int4, numpy_helper.from_array(scale[:1], "s")])
+    with pytest.raises(ValueError, match="block_size 4"):
+        rectonnx.rewrite(helper.make_model(wrong, opset_imports=[helper.make_opsetid("", 21)],
+                                           ir_version=10), "saliency")

@@ -254,6 +254,136 @@ def test_eager_torch_rectgrad_matches_rectonnx(net_and_model):
                      tol=1e-4, where=f"q{q}")
 
 
+@pytest.fixture
+def benchmarks_path():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield
+    finally:
+        while str(BENCHMARKS) in sys.path:
+            sys.path.remove(str(BENCHMARKS))
+
+
+def test_eager_torch_rectgrad_gates_relu6_as_rectonnx_gates_clip(benchmarks_path):
+    """EfficientNet-Lite0's ReLU6: the eager gate keeps ReLU6's own derivative mask."""
+    from eager import TorchRectGrad
+    from nets import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU6(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 5)).eval()
+    with torch.no_grad():  # large enough that some units saturate at 6
+        net[0].weight.mul_(8.0)
+    model = export(net, (3, 12, 12))
+    assert "Clip" in {n.op_type for n in model.graph.node}
+    x = distinct_values((3, 3, 12, 12), np.random.default_rng(5))
+    with torch.no_grad():
+        assert (net[1](net[0](torch.from_numpy(x))) == 6).any()
+    for q in (50.0, 90.0):
+        _, attribution = TorchRectGrad(net, q)(torch.from_numpy(x), torch.tensor([0, 3, 1]))
+        _, expected = run_explainer(rectonnx.rewrite(model, "rectgrad", q=q,
+                                                     padding_trick=False), x, [0, 3, 1])
+        assert (expected > 0).any()
+        assert_close(attribution.numpy(), expected, "eager torch RectGrad (ReLU6) vs rectonnx",
+                     tol=1e-4, where=f"q{q}")
+
+
+def test_bench_efficientnet_twin_is_the_shipped_model(benchmarks_path):
+    """bench.py's torch EfficientNet-Lite0 reads its weights from the shipped ONNX file."""
+    import onnxruntime as ort
+
+    import nets
+
+    net, model, shape = nets.build("efficientnet_lite0")
+    x = nets.random_batch(shape, 1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {model.graph.input[0].name: x})[0]
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_bench_summary_and_goals_from_speed_rows(benchmarks_path):
+    """The done-condition's table and the goals paragraph, from made-up speed rows."""
+    import bench
+
+    def row(model, batch, contender, ms):
+        return dict(model=model, batch=batch, contender=contender, ms=ms, cpu_ms=ms,
+                    x_inference=ms / 10.0)
+
+    speed = []
+    for model, batch, exact, approx in (("resnet50", 1, 29.0, 25.0),
+                                        ("efficientnet_lite0", 8, 50.0, 39.0)):
+        speed += [row(model, batch, bench.INFERENCE[0], 10.0),
+                  row(model, batch, bench.INFERENCE[1], 11.0),
+                  row(model, batch, "rectonnx saliency", 20.0),
+                  row(model, batch, "rectonnx rectgrad", exact),
+                  row(model, batch, "rectonnx rectgrad (approx)", approx),
+                  row(model, batch, "torch RectGrad (eager)", 60.0),
+                  row(model, batch, "Captum GuidedBackprop", 40.0),
+                  row(model, batch, "Captum Saliency", 30.0)]
+    speed.append(row("resnet50", 1, bench.COMPILED, 55.0))
+    found = bench.goals(speed)
+    held = {(g["model"], g["variant"], g["kind"]): g["holds"] for g in found
+            if g["unit"] == "wall"}
+    assert held[("resnet50", "exact", "inference")]  # 2.9 <= 3
+    assert not held[("efficientnet_lite0", "exact", "inference")]  # 5.0 > 4
+    assert held[("efficientnet_lite0", "approx", "inference")]  # 3.9 <= 4
+    assert held[("resnet50", "exact", "torch RectGrad (eager)")]  # 60 / 29 >= 1.5
+    assert not held[("resnet50", "exact", "Captum GuidedBackprop")]  # 40 / 29 < 1.5
+    report = dict(speed=speed, quick=False, compile_backends=["inductor"], agreement=[
+        dict(model="resnet50", samples=4, cosine_median=0.99, cosine_min=0.97,
+             top5_overlap_median=0.9, top5_overlap_min=0.8, recovered_median=0.85,
+             recovered_worst=0.7)],
+        compile=[dict(model="resnet50", batch=1, compiled=True,
+                      tries=[dict(backend="inductor", compile_s=40.0)]),
+                 dict(model="efficientnet_lite0", batch=8, compiled=False,
+                      tries=[dict(backend="inductor", compile_s=1.0, error="no compiler")])],
+        goals_text=bench.goals_paragraph(found, "today"))
+    lines = bench.summary(report)
+    header = next(line for line in lines if line.startswith("| model |"))
+    for column in ("batch", "ORT inference", "saliency ms", "RectGrad exact ms",
+                   "RectGrad approx ms", "exact x inf", "approx x inf", "eager torch",
+                   "torch.compile", "Captum GuidedBackprop", "Captum Saliency", "agreement"):
+        assert column in header, column
+    body = [line for line in lines if line.startswith("| ResNet") or line.startswith("| Eff")]
+    assert len(body) == 2
+    assert "55.0 (inductor, 40 s)" in body[0] and "cos 0.990 (0.970)" in body[0]
+    assert "did not compile: inductor: no compiler" in body[1]
+    assert "holds in 1 of 2 cases" in report["goals_text"]
+    assert report["goals_text"] in lines
+
+
+def test_session_options_helpers(benchmarks_path):
+    """benchmarks/session_options.py: the node census, the fixed batch, each option's effect."""
+    import session_options as so
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+            s = Shape(x)
+            i = Identity(x)
+            c = Cast<to = 10>(i)
+            d = Cast<to = 1>(c)
+            r = Reshape(d, s)
+            y = Relu(r)
+        }""")
+    found = so.removable(model)
+    assert (found["nodes"], found["shape"], found["identity"], found["cast_pairs"]) == (6, 1, 1, 1)
+    fixed = so.fixed_batch(model)
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 0  # a copy
+    assert so.removable(so.optimised(fixed, "BASIC"))["shape"] == 0  # the Shape chain folded
+    grid = so.settings(quick=True)
+    assert len(grid) == 2 * 2 * 2 * 2 * 2 and len({so.key(s) for s in grid}) == len(grid)
+    rows = [dict(setting=s, ms=2.0 if s["threads"] == 2 else 1.0) for s in grid]
+    effect = {(e["option"], e["value"]): e for e in so.effects(rows, "ms")}
+    assert effect[("threads", 2)]["median_ratio"] == 2.0 and effect[("threads", 2)]["pairs"] == 16
+    assert effect[("spinning", True)]["median_ratio"] == 1.0
+    assert effect[("mode", "parallel")]["against"] == "sequential"
+
+
 # -- the GPU check (benchmarks/gpu.py), run here on the CPU provider ------------------------------
 @pytest.fixture
 def gpu_check():

@@ -235,9 +235,70 @@ def test_wrt_names_the_embedding_or_a_later_tensor(encoder):
                  tol=1e-6)
 
 
-def test_methods_with_copies_or_maps_are_refused_for_token_ids(encoder):
-    with pytest.raises(OptionError, match="integer token ids"):
-        rectonnx.rewrite(encoder[1], "smoothgrad", samples=2)
+def test_integrated_gradients_matches_captum_on_the_embeddings(encoder, bert):
+    """Captum's LayerIntegratedGradients on the embedding layer, baseline ids all 0: rectonnx
+    with the baseline embedding ``table[0]`` at every position (the attention mask is repeated
+    per copy)."""
+    from captum.attr import LayerIntegratedGradients
+
+    rng = np.random.default_rng(4)
+    module, path = bert
+    ids = rng.integers(1, 100, (3, 9))
+    mask = np.ones((3, 9), np.int64)
+    mask[1, 5:] = 0
+    target = np.array([1, 0, 1])
+    double = copy.deepcopy(module).double()
+    layer = double.bert.bert.embeddings.word_embeddings
+    expected = LayerIntegratedGradients(double, layer).attribute(
+        torch.as_tensor(ids), baselines=torch.zeros_like(torch.as_tensor(ids)),
+        target=target.tolist(), additional_forward_args=(torch.as_tensor(mask),),
+        n_steps=12, method="riemann_right").detach().numpy()
+    baseline = layer.weight[0].detach().numpy().astype(np.float32)  # broadcasts to [T, D]
+    got = run(path, "integrated_gradients", ids, target, steps=12, baseline=baseline,
+              token_reduction="none", inputs={"attention_mask": mask})
+    assert_close(got, expected, "Captum LayerIntegratedGradients (BERT)", where="[N, T, D]")
+    assert_close(run(path, "integrated_gradients", ids, target, steps=12, baseline=baseline,
+                     inputs={"attention_mask": mask}), expected.sum(-1),
+                 "Captum LayerIntegratedGradients (BERT)", where="per token sum")
+    # the encoder (positions from Shape(ids), fixed length), baseline embedding 0 (default)
+    module, path = encoder
+    ids, target = rng.integers(0, 50, (2, T)), np.array([2, 0])
+    double = copy.deepcopy(module).double()
+    zero_row = torch.nn.Embedding(51, 16).double()  # Captum needs baseline ids: a row of 0s
+    with torch.no_grad():
+        zero_row.weight[:50] = double.embed.weight
+        zero_row.weight[50] = 0
+    double.embed = zero_row
+    expected = LayerIntegratedGradients(double, double.embed).attribute(
+        torch.as_tensor(ids), baselines=torch.full((2, T), 50), target=target.tolist(),
+        n_steps=12, method="gausslegendre").detach().numpy()
+    got = run(path, "integrated_gradients", ids, target, steps=12,
+              integration="gausslegendre")
+    assert_close(got, expected.sum(-1), "Captum LayerIntegratedGradients (encoder)",
+                 where="per token sum")
+
+
+def test_deeplift_and_smoothgrad_run_on_token_ids(encoder, bert):
+    """DeepLIFT's per-token map at the embeddings; SmoothGrad with sigma 0 is saliency."""
+    module, path = encoder
+    rng = np.random.default_rng(5)
+    ids, target = rng.integers(0, 50, (3, T)), np.array([0, 1, 2])
+    maps = run(path, "deeplift", ids, target)
+    assert maps.shape == (3, T) and np.isfinite(maps).all() and np.abs(maps).max() > 0
+    assert_close(run(path, "smoothgrad", ids, target, samples=3, sigma=0.0),
+                 run(path, "saliency", ids, target), "saliency (sigma 0)", tol=1e-6)
+    noisy = run(path, "smoothgrad", ids, target, samples=3, sigma=0.3)
+    assert noisy.shape == (3, T) and not np.allclose(noisy, run(path, "saliency", ids, target))
+    # BERT's length is symbolic: the noise has no shape to take
+    with pytest.raises(ValueError, match="fixed sample shape"):
+        rectonnx.rewrite(bert[1], "smoothgrad", samples=2)
+    mask = np.ones((2, 6), np.int64)
+    maps = run(bert[1], "deeplift", rng.integers(0, 100, (2, 6)), None,
+               inputs={"attention_mask": mask})
+    assert maps.shape == (2, 6) and np.isfinite(maps).all()
+
+
+def test_maps_at_the_input_size_are_refused_for_token_ids(encoder):
     with pytest.raises(OptionError, match="spatial size"):
         rectonnx.rewrite(encoder[1], "gradcam")
 

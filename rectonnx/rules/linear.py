@@ -15,7 +15,11 @@ With ``dY`` the gradient of the output:
   ``dY`` is first multiplied by a mask. ``"exact"``: 0 at output positions whose receptive
   field covers padding (with run-time sizes: ``Conv(ones, ones_kernel) == prod(kernel)``);
   ``"border"`` (the authors' code): 0 on a one-position border of every convolution whose
-  output has TensorFlow's SAME size ``ceil(n / s)`` (geometry.border_mask).
+  output has TensorFlow's SAME size ``ceil(n / s)`` (geometry.border_mask). When ``dY`` is a
+  gate's ``x * Cast(b)`` (a ReLU/Clip mask or RectGrad's) and the mask is a constant, it is
+  folded into the gate as ``x * Cast(b & mask)`` (``_fold_into_gate``; bit-equal): a boolean
+  And instead of a float Mul over the gradient (EfficientNet-Lite0 RectGrad 0.98-0.99x the
+  time, interleaved A/B).
 * Gemm ``Y = a A' B' + b C``:  ``dA' = a dY B'^T``, ``dB' = a A'^T dY``, ``dC = unbroadcast(b dY)``.
 * MatMul ``Y = A B``:           ``dA = unbroadcast(dY B^T)``, ``dB = unbroadcast(A^T dY)``.
 * Add/Sub/Sum:                  ``dA = unbroadcast(dY)``, ``dB = unbroadcast(+-dY)``.
@@ -26,7 +30,7 @@ With ``dY`` the gradient of the output:
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 from ..geometry import (border_mask, conv_transpose_geometry, explicit_pads, flipped_kernel,
@@ -129,10 +133,45 @@ def padding_trick_conv(mode: str, inner: Rule = conv_backward) -> Rule:
     def rule_with_padding_trick(ctx: RuleContext, node, grads, **attributes):
         (dy,) = grads
         mask = _padding_trick_mask(ctx, node, mode, **attributes)
-        if mask is not None:
+        if mask is not None and not _fold_into_gate(ctx, dy, mask):
             dy = ctx.g.Mul(dy, mask, hint="masked")
         return inner(ctx, node, [dy], **attributes)
     return rule_with_padding_trick
+
+
+FOLD_PADDING_MASK = True  # fold a constant padding-trick mask into the gate's boolean mask
+
+
+def _fold_into_gate(ctx: RuleContext, dy: str, mask: str) -> bool:
+    """Apply the constant 0/1 ``mask`` to ``dy`` inside the gate that just made it, if it can.
+
+    When ``dy = x * CastLike(b, x)`` (``base.masked``: the ReLU/Clip derivative or a method's
+    gate) and neither ``dy`` nor the cast has another consumer, ``x * Cast(b) * m`` is
+    ``x * Cast(b & m)`` bit for bit (both are ``x`` or ``x * 0``, the same signed zero or NaN):
+    an And of booleans then replaces a float Mul over the whole gradient. Returns whether it
+    did (the nodes are rewired in place)."""
+    g = ctx.g
+    if not FOLD_PADDING_MASK:
+        return False
+    values = next((numpy_helper.to_array(t) for t in g.initializers if t.name == mask), None)
+    if values is None or not np.all((values == 0) | (values == 1)):
+        return False
+    producers = {out: n for n in g.nodes for out in n.output}
+    product = producers.get(dy)
+    if product is None or product.op_type != "Mul" or len(product.input) != 2:
+        return False
+    cast = producers.get(product.input[1])
+    if cast is None or cast.op_type != "CastLike" or cast.input[1] != product.input[0]:
+        return False
+    uses = [i for n in g.nodes for i in n.input]
+    if uses.count(cast.output[0]) != 1 or dy in uses:
+        return False
+    g.initializers[:] = [t for t in g.initializers if t.name != mask]  # only this rule used it
+    inside = g.const(values.astype(bool), "padding_trick_inside")
+    both = g.And(cast.input[0], inside, hint="keep_inside")
+    g.nodes.insert(g.nodes.index(cast), g.nodes.pop())
+    cast.input[0] = both
+    return True
 
 
 def _padding_trick_mask(ctx: RuleContext, node, mode: str, *, auto_pad, dilations, group,

@@ -16,7 +16,8 @@ the method an activation, ``Activation(z = x, y = y, upstream = R, exact = R * i
 mask = inside)``, so saliency keeps the clipped straight-through gradient and RectGrad gates
 where the ReLU was, with ``I(y R > tau) R`` and the range mask (as at a Clip). Elsewhere (the
 input's quantizer, after an Add) the straight-through gradient passes ungated. Per-axis
-scales broadcast along ``axis``.
+scales broadcast along ``axis``. Constant weights, blocked ones included, never reach these
+rules: normalize.dequantize_constant_weights turns them into float initializers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def dequantize_linear_backward(ctx: RuleContext, node, grads, *, axis=None, bloc
                                **_):
     (dy,) = grads
     if block_size:
-        raise ctx_unsupported(node, "blocked quantization (block_size) has no rule yet")
+        raise ctx_unsupported(node, "blocked quantization (block_size) of a computed tensor "
+                              "has no rule (blocked constant weights are dequantized)")
     scale = _along_axis(ctx, node.input[1], node.input[0], axis, node)
     return [ctx.g.Mul(dy, scale, hint="dq")] + [None] * (len(node.input) - 1)
 
@@ -67,7 +69,8 @@ def quantize_linear_backward(ctx: RuleContext, node, grads, *, axis=None, satura
     (dq,) = grads
     g = ctx.g
     if block_size:
-        raise ctx_unsupported(node, "blocked quantization (block_size) has no rule yet")
+        raise ctx_unsupported(node, "blocked quantization (block_size) of a computed tensor "
+                              "has no rule (blocked constant weights are dequantized)")
     x, q = node.input[0], node.output[0]
     has_zero_point = len(node.input) > 2 and bool(node.input[2])
     element = _output_type(ctx, node)

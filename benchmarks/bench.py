@@ -749,28 +749,22 @@ def goals_paragraph(found: list[dict], date: str) -> str:
 
     parts = [f"Goals, from this run ({date}; wall-clock medians, every ratio from the same "
              "interleaved rounds):"]
-    for variant, _ in RECTGRADS:
-        rows = [g for g in wall if g["variant"] == variant and g["kind"] == "inference"]
+    def sentence(variant: str, kind: str, goal: str, misses: str) -> None:
+        rows = [g for g in wall if g["variant"] == variant and g["kind"] == kind]
         if not rows:
-            continue
+            return
         held = [g for g in rows if g["holds"]]
         missed = [g for g in rows if not g["holds"]]
-        text = (f"RectGrad {variant} <= 3x inference (<= 4x for EfficientNet-Lite0) holds in "
-                f"{len(held)} of {len(rows)} cases")
+        text = f"RectGrad {variant} {goal} holds in {len(held)} of {len(rows)} cases"
         text += f" ({cases(held)})" if held else ""
-        text += f"; it misses in {cases(missed)}" if missed else ""
+        text += f"; {misses} {cases(missed)}" if missed else ""
         parts.append(text + ".")
+
+    for variant, _ in RECTGRADS:
+        sentence(variant, "inference", "<= 3x inference (<= 4x for EfficientNet-Lite0)",
+                 "it misses in")
         for other in RIVALS:
-            rows = [g for g in wall if g["variant"] == variant and g["kind"] == other]
-            if not rows:
-                continue
-            held = [g for g in rows if g["holds"]]
-            missed = [g for g in rows if not g["holds"]]
-            text = (f"RectGrad {variant} >= {SPEEDUP_GOAL:g}x ahead of {other} holds in "
-                    f"{len(held)} of {len(rows)} cases")
-            text += f" ({cases(held)})" if held else ""
-            text += f"; not in {cases(missed)}" if missed else ""
-            parts.append(text + ".")
+            sentence(variant, other, f">= {SPEEDUP_GOAL:g}x ahead of {other}", "not in")
     return " ".join(parts)
 
 

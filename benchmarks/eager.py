@@ -24,6 +24,18 @@ def percentile_rank(m: int, q: float) -> int:
     return int(np.round(np.float64(m - 1) * (1.0 - np.float64(q) / 100.0))) + 1
 
 
+def _rectified(y, upstream, q, inside=None):
+    """RectGrad's gate ``I(y R > tau) R`` per sample (and ``inside``, an activation's own
+    derivative mask, where it has one)."""
+    scores = (y * upstream).reshape(len(y), -1)
+    k = percentile_rank(scores.shape[1], q)
+    tau = torch.topk(scores, k, dim=1, largest=True, sorted=False).values.min(dim=1).values
+    keep = scores > tau[:, None]
+    if inside is not None:
+        keep = keep & inside.reshape_as(scores)
+    return (upstream.reshape_as(scores) * keep).reshape_as(upstream)
+
+
 class _GatedReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, q):
@@ -35,11 +47,7 @@ class _GatedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream):
         (y,) = ctx.saved_tensors
-        scores = (y * upstream).reshape(len(y), -1)
-        k = percentile_rank(scores.shape[1], ctx.q)
-        tau = torch.topk(scores, k, dim=1, largest=True, sorted=False).values.min(dim=1).values
-        keep = scores > tau[:, None]
-        return (upstream.reshape_as(scores) * keep).reshape_as(upstream), None
+        return _rectified(y, upstream, ctx.q), None
 
 
 class _GatedReLU6(torch.autograd.Function):
@@ -53,12 +61,7 @@ class _GatedReLU6(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream):
         (y,) = ctx.saved_tensors
-        scores = (y * upstream).reshape(len(y), -1)
-        k = percentile_rank(scores.shape[1], ctx.q)
-        tau = torch.topk(scores, k, dim=1, largest=True, sorted=False).values.min(dim=1).values
-        inside = ((y > 0.0) & (y < 6.0)).reshape_as(scores)  # ReLU6's own derivative mask
-        keep = (scores > tau[:, None]) & inside
-        return (upstream.reshape_as(scores) * keep).reshape_as(upstream), None
+        return _rectified(y, upstream, ctx.q, (y > 0.0) & (y < 6.0)), None  # ReLU6's mask
 
 
 class _RectReLU(nn.Module):

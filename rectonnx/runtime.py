@@ -364,7 +364,7 @@ class Explainer:
             raise InputError(f"the batch has dtype {x.dtype}; expected float32")
         # the graph's own input type: float32, or float16 for a float16 model computed in
         # float16 (precision="model", precision.py)
-        x = x.astype(getattr(self, "_input_dtype", np.float32), copy=False)
+        given, x = x, x.astype(getattr(self, "_input_dtype", np.float32), copy=False)
         expected = self.input_shape
         if len(expected) == x.ndim + 1 and all(
                 e is None or e == s for e, s in zip(expected[1:], x.shape)):
@@ -375,8 +375,13 @@ class Explainer:
             raise InputError(f"the batch has shape {list(x.shape)}; the model expects "
                              f"{_shape_text(expected)} (N = batch)")
         if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # NaN propagates
-            bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-            raise InputError(f"samples {np.flatnonzero(bad)[:10].tolist()} contain NaN or Inf")
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=tuple(range(1, x.ndim))))[:10]
+            if x.dtype == np.float16 and np.isfinite(given[bad]).all():
+                raise InputError(
+                    f"samples {bad.tolist()} hold values beyond float16's range (|x| <= 65504): "
+                    "this explainer computes in float16 as the float16 model does; scale the "
+                    "input as the model expects, or explain in float32 (precision='fp32')")
+            raise InputError(f"samples {bad.tolist()} contain NaN or Inf")
         return np.ascontiguousarray(x)
 
     def _check_ids(self, x: np.ndarray) -> np.ndarray:

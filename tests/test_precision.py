@@ -25,7 +25,7 @@ from torch import nn
 from helpers import assert_close, run_explainer, torch_gradient
 from rectonnx.artifact import read_stamp
 from rectonnx.cli import main
-from rectonnx.errors import ExecutionError
+from rectonnx.errors import ExecutionError, InputError
 
 import rectonnx
 
@@ -187,6 +187,11 @@ def test_the_explainer_runs_float16_graphs_on_the_cpu_provider():
     reference = reference_run(explainer.graph, x.astype(np.float16), [0, 1, 2])[1]
     assert np.abs(result.attribution - reference).max() <= \
         FLOAT16_TOLERANCE * np.abs(reference).max()
+    # a float32 value float16 cannot hold is one clear error, not "NaN or Inf"
+    big = x.copy()
+    big[1, 0, 0, 0] = 1e5
+    with pytest.raises(InputError, match=r"samples \[1\] hold values beyond float16's range"):
+        explainer.explain(big)
     # the portable graph's max-pool backward (ScatterElements 'add') has no float16 CPU kernel
     portable = rectonnx.Explainer(half, "rectgrad", providers=["CPUExecutionProvider"],
                                   runtime="any")

@@ -366,6 +366,19 @@ def test_cli_explains_texts_with_a_tokenizer(bert, tmp_path):
     assert "&lt;" in page and "&amp;" in page and "<b>" not in page     # escaped
     assert "http" not in page and "<script" not in page and "<link" not in page
     assert "rgb(255," in page and ",255)" in page
+    # a method with copies (the path at the embeddings, the mask repeated) through the CLI
+    result = CliRunner().invoke(main, ["explain", str(bert[1]), str(texts), "--tokenizer",
+                                       str(tok_path), "--out", str(tmp_path / "ig"), "--method",
+                                       "integrated_gradients", "--steps", "4", "--device",
+                                       "cpu"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line)
+               for line in (tmp_path / "ig" / "manifest.jsonl").read_text().splitlines()]
+    explainer = rectonnx.Explainer(bert[1], "integrated_gradients", steps=4, providers=CPU)
+    for record, encoding in zip(records, encodings):
+        ids = np.array([encoding.ids])
+        alone = explainer.explain(ids, attention_mask=np.ones_like(ids)).attribution[0]
+        assert_close(record["scores"], alone, "batch vs alone (text, IG)", tol=1e-4)
 
 
 def test_token_colours():

@@ -47,6 +47,7 @@ from .canonical_ops import (decompose_newer_activations, einsum_to_matmul, fix_l
 from .composites import fuse_composites
 from .errors import InvalidModelError, UnsupportedModelError
 from .geometry import output_length
+from .qoperator import qoperator_to_qdq
 from .graphs import consumers, is_large, join_light_copy, light_copy, producers, rename
 
 TARGET_OPSET = 17
@@ -707,6 +708,7 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
         raise InvalidModelError("the model has no outputs")
     drop_initializer_inputs(proto)
     constant_nodes_to_initializers(proto.graph, max_folded_elements)
+    qoperator_to_qdq(proto.graph)  # QLinearConv & co. as float ops between DQ and Q
     dequantize_constant_weights(proto.graph)  # before the opset converter: blocked (opset 21)
     light, large = light_copy(proto)
     try:

@@ -89,27 +89,34 @@ def digits_batch():
     return model, np.stack([load_image(path, preprocess)[0] for path in files])
 
 
-@pytest.fixture(scope="module")
-def quantized_paper_cnn(tmp_path_factory):
+def quantize(model, batch, target, fmt: str):
+    """``quantize_static`` (int8, per-channel weights) in format ``fmt`` ("QDQ" or
+    "QOperator"), calibrated on ``batch`` one image at a time."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
-    model, batch = digits_batch()
+    name = onnx.load(str(model)).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([{"input": batch[i:i + 1]} for i in range(len(batch))])
+            self.feeds = iter([{name: batch[i:i + 1]} for i in range(len(batch))])
 
         def get_next(self):
             return next(self.feeds, None)
 
-    target = tmp_path_factory.mktemp("qdq") / "paper_cnn_qdq.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(str(model), str(target), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(model), str(target), Reader(), quant_format=QuantFormat[fmt],
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         per_channel=True)
-    return model, target, batch
+    return target
+
+
+@pytest.fixture(scope="module")
+def quantized_paper_cnn(tmp_path_factory):
+    model, batch = digits_batch()
+    target = tmp_path_factory.mktemp("qdq") / "paper_cnn_qdq.onnx"
+    return model, quantize(model, batch, target, "QDQ"), batch
 
 
 def cosine(a, b):
@@ -165,3 +172,47 @@ def test_blocked_int4_weights_are_dequantized(rng):
     with pytest.raises(ValueError, match="block_size 4"):
         rectonnx.rewrite(helper.make_model(wrong, opset_imports=[helper.make_opsetid("", 21)],
                                            ir_version=10), "saliency")
+
+
+def test_qoperator_models_are_their_qdq_models(quantized_paper_cnn, tmp_path):
+    """QOperator int8 models (QLinearConv, QGemm, int8 MaxPool/Flatten: the model zoo's
+    format) become QDQ models (qoperator.py): on the paper CNN the explainer's logits equal
+    onnxruntime's run of the QOperator model and its maps those of the QDQ model of the same
+    quantization."""
+    from rectonnx.normalize import normalize
+    from rectonnx.qoperator import QOPERATOR_OPS
+
+    model, qdq, batch = quantized_paper_cnn
+    qop = quantize(model, batch, tmp_path / "paper_cnn_qop.onnx", "QOperator")
+    ops = {n.op_type for n in onnx.load(str(qop)).graph.node}
+    assert {"QLinearConv", "QGemm", "MaxPool"} <= ops and "Conv" not in ops
+    assert not {n.op_type for n in normalize(qop).graph.node} & QOPERATOR_OPS
+    reference = session(onnx.load(str(qop))).run(None, {"input": batch})[0]
+    for method in ("saliency", "rectgrad"):
+        logits, maps = run_explainer(rectonnx.rewrite(qop, method), batch, [-1] * len(batch))
+        assert_close(logits, reference, "QOperator explainer logits vs onnxruntime", tol=1e-5)
+        _, qdq_maps = run_explainer(rectonnx.rewrite(qdq, method), batch, logits.argmax(1))
+        assert_close(maps, qdq_maps, f"QOperator vs QDQ maps ({method})", tol=1e-5)
+
+
+def test_qoperator_efficientnet_with_its_adds_and_pooling(tmp_path):
+    """EfficientNet-Lite0 in QOperator format adds QLinearAdd and QLinearGlobalAveragePool
+    (com.microsoft): the predictions of onnxruntime's integer kernels (whose requantization
+    rounds differently: logits within 3 % of their range) and a finite RectGrad map."""
+    from rectonnx.batch import preprocess_for
+    from rectonnx.images import load_image
+
+    model = ROOT / "models" / "efficientnet_lite0.onnx"
+    preprocess = preprocess_for(model)
+    files = sorted(glob.glob(str(ROOT / "models" / "images" / "*.jpg")))
+    batch = np.stack([load_image(path, preprocess)[0] for path in files])
+    qop = quantize(model, batch, tmp_path / "lite0_qop.onnx", "QOperator")
+    ops = {n.op_type for n in onnx.load(str(qop)).graph.node}
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearConv"} <= ops
+    proto = onnx.load(str(qop))
+    reference = session(proto).run(None, {proto.graph.input[0].name: batch})[0]
+    logits, maps = run_explainer(rectonnx.rewrite(qop, "rectgrad"), batch, [-1] * len(batch))
+    top3 = np.argsort(-reference, axis=1)[:, :3]  # near-ties may swap by one quantum
+    assert all(p in row for p, row in zip(logits.argmax(1), top3))
+    assert np.abs(logits - reference).max() <= 0.03 * np.ptp(reference)
+    assert np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0

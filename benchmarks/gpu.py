@@ -1,11 +1,13 @@
 """rectonnx on a GPU: where onnxruntime places each node, agreement with the CPU, and speed.
 
-    python benchmarks/gpu.py [--provider cuda|cpu] [--quick] [--models paper_cnn,resnet50,shipped]
-                             [--out DIR]
+    python benchmarks/gpu.py [--provider cuda|cpu] [--quick]
+                             [--models paper_cnn,resnet50,shipped,shipped_fp16] [--out DIR]
 
 The GPU goal of issue 4: "the CUDA provider runs the same graph with no CPU fallback nodes, and
 beats Captum on CUDA". Per model (benchmarks/nets.py's paper CNN and ResNet-50 with random
-weights, and the shipped EfficientNet-Lite0) and explainer graph (saliency, guided backprop,
+weights, the shipped EfficientNet-Lite0 and, as ``shipped_fp16``, that model converted to
+float16, whose explainers compute in float16 as it would be served: benchmarks/fp16.py) and
+explainer graph (saliency, guided backprop,
 RectGrad q=98 with the exact TopK threshold and with the TensorRT-safe bisection):
 
 * placement: one profiled run; each node's provider. Nodes the provider leaves to the CPU are
@@ -95,6 +97,12 @@ def session(model: onnx.ModelProto, providers: list[str], profile_dir: str | Non
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(profile_dir) / "placement")
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def input_dtype(model: onnx.ModelProto):
+    """The numpy type of the model's data input (float32, or float16 for a float16 model)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(
+        model.graph.input[0].type.tensor_type.elem_type)
 
 
 def feeds_of(graph: onnx.ModelProto, x: np.ndarray, target: np.ndarray) -> dict:
@@ -222,7 +230,8 @@ def speed(name: str, model: onnx.ModelProto, graphs: dict, net, shape, batches, 
     forward = session(model, providers)
     rows = []
     for batch in batches:
-        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(
+            input_dtype(model))
         target = forward.run(None, {model.graph.input[0].name: x})[0].argmax(1).astype(np.int64)
         contenders = {"onnxruntime inference": DeviceRun(forward, {model.graph.input[0].name: x},
                                                          device)}
@@ -271,16 +280,21 @@ def load_models(names: list[str], quick: bool):
     plan = {"paper_cnn": [2] if quick else [1, 64], "resnet50": [1] if quick else [1, 8, 32],
             "efficientnet_lite0": [1] if quick else [1, 8]}
     for name in names:
-        if name == "shipped":
+        if name in ("shipped", "shipped_fp16"):
             from rectonnx import models
-            model = onnx.load(str(models.path(models.EFFICIENTNET_LITE0)))
+            path = models.path(models.EFFICIENTNET_LITE0)
+            if name == "shipped":
+                model, label = onnx.load(str(path)), "efficientnet_lite0 (shipped)"
+            else:
+                from fp16 import half_model
+                model, label = half_model(path), "efficientnet_lite0 (shipped, float16)"
             dims = model.graph.input[0].type.tensor_type.shape.dim
-            yield ("efficientnet_lite0 (shipped)", None, model,
-                   tuple(d.dim_value for d in dims[1:]), [1] if quick else [1, 8])
+            yield (label, None, model, tuple(d.dim_value for d in dims[1:]),
+                   [1] if quick else [1, 8])
             continue
         if name not in nets.MODELS:
             raise SystemExit(f"error: unknown model {name!r}; choose from "
-                             f"{', '.join(list(nets.MODELS) + ['shipped'])}")
+                             f"{', '.join(list(nets.MODELS) + ['shipped', 'shipped_fp16'])}")
         net, model, shape = nets.build(name)
         yield name, net, model, shape, plan[name]
 
@@ -288,7 +302,7 @@ def load_models(names: list[str], quick: bool):
 def check_model(name: str, model: onnx.ModelProto, shape, kind: str, methods) -> tuple:
     """Placement and agreement rows of each explainer graph, and the graphs (label -> model)."""
     providers = PROVIDERS[kind]
-    x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, *shape)).astype(input_dtype(model))
     target = session(model, PROVIDERS["cpu"]).run(
         None, {model.graph.input[0].name: x})[0].argmax(1).astype(np.int64)
     graphs, placed, agreed = {}, [], []
@@ -349,7 +363,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cuda")
     parser.add_argument("--quick", action="store_true", help="few rounds, small batches")
-    parser.add_argument("--models", default="paper_cnn,resnet50,shipped")
+    parser.add_argument("--models", default="paper_cnn,resnet50,shipped,shipped_fp16")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     parser.add_argument("--out", default="benchmarks/results/gpu")
     args = parser.parse_args(argv)

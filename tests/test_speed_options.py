@@ -417,6 +417,19 @@ def test_gpu_check_runs_on_the_cpu_provider(gpu_check, tmp_path):
     assert "### Placement" in (tmp_path / "gpu.md").read_text()
 
 
+def test_gpu_check_has_a_float16_model(gpu_check):
+    """``shipped_fp16``: EfficientNet-Lite0 in float16, whose explainer computes in float16."""
+    import numpy as np
+
+    from rectonnx.artifact import read_stamp
+
+    ((label, _, model, shape, batches),) = gpu_check.load_models(["shipped_fp16"], quick=True)
+    assert "float16" in label and gpu_check.input_dtype(model) == np.float16
+    assert shape == (3, 224, 224) and batches == [1]
+    graph = gpu_check.rewrite(model, "saliency")
+    assert read_stamp(graph).computes_in == "float16"
+
+
 def _event(name, op, provider, *tensors):
     """An onnxruntime profile event of node ``name``; tensors as (dtype, shape), first = output."""
     types = [{dtype: list(shape)} for dtype, shape in tensors]

@@ -29,6 +29,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def profile(model: onnx.ModelProto, feeds: dict, runs: int, warmup: int = 3,
         walls.append((time.perf_counter() - started) * 1000)
         time.sleep(0.01)
     events = json.loads(Path(session.end_profiling()).read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # the profile and the optimised model
     # the profiler also times the warm-up runs: keep the last `runs` of them
     run_events = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     start = run_events[-runs]["ts"] if len(run_events) >= runs else 0

@@ -11,6 +11,7 @@
 | ``rectonnx.input_name``, ``rectonnx.output_name`` | the model's input and score output used |
 | ``rectonnx.upcast_from`` | ``float16`` (or ``bfloat16``) for a half-precision source model |
 | ``rectonnx.computes_in`` | ``float16`` or ``float32``: a half source's (option ``precision``) |
+| ``rectonnx.input_kind`` | ``pixels`` for integer pixels cast to float inside the model |
 
 ``Explainer`` and ``export-triton`` given such a file read its spec instead of rewriting, and
 refuse options that contradict it; ``rectonnx info`` prints the stamp.
@@ -52,7 +53,7 @@ def version() -> str:
 
 def stamp(model: onnx.ModelProto, spec: ExplanationSpec, *, source_sha256: str,
           input_name: str, output_name: str, upcast_from: str | None = None,
-          computes_in: str | None = None) -> None:
+          computes_in: str | None = None, input_kind: str | None = None) -> None:
     """Write the metadata of the module docstring into ``model`` (replacing older entries)."""
     values = {"method": spec.method, "spec": spec.to_json(), "version": version(),
               "source_sha256": source_sha256, "input_name": input_name,
@@ -60,6 +61,8 @@ def stamp(model: onnx.ModelProto, spec: ExplanationSpec, *, source_sha256: str,
     if upcast_from:
         values["upcast_from"] = upcast_from
         values["computes_in"] = computes_in or "float32"
+    if input_kind:
+        values["input_kind"] = input_kind
     kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -81,6 +84,7 @@ class Stamp:
     output_name: str | None
     upcast_from: str | None = None
     computes_in: str | None = None  # half-precision source; not recorded by older versions: float32
+    input_kind: str | None = None  # "pixels": integer pixels attributed at their Cast to float
 
     def precision_line(self) -> str | None:
         """What a half-precision source's explainer computes in, in words (None otherwise)."""
@@ -116,7 +120,7 @@ def read_stamp(model: onnx.ModelProto) -> Stamp | None:
                 from None
     return Stamp(values["method"], spec, values.get("version"), values.get("source_sha256"),
                  values.get("input_name"), values.get("output_name"), values.get("upcast_from"),
-                 values.get("computes_in"))
+                 values.get("computes_in"), values.get("input_kind"))
 
 
 def explainer_graph_in(model) -> onnx.ModelProto | None:

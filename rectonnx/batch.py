@@ -206,6 +206,22 @@ def preprocess_for(model, *, size=None, resize=None, mean=None, std=None,
     return Preprocess.from_dict(settings)
 
 
+def pixel_preprocess(preprocess: Preprocess) -> Preprocess:
+    """For a model that takes integer pixels (uint8) and casts them itself: the default
+    preprocessing (values in [0, 1]) scaled to 0..255; a sidecar's or the flags' own scaling
+    stays."""
+    if preprocess.scale != 1.0 or any(m != 0 for m in preprocess.mean) or \
+            any(s != 1 for s in preprocess.std):
+        return preprocess
+    return Preprocess.from_dict({**preprocess.to_dict(), "scale": 255.0})
+
+
+def as_integer_pixels(batch: np.ndarray, dtype) -> np.ndarray:
+    """Decoded (float) pixels as the integer type a model takes: rounded and clipped."""
+    limits = np.iinfo(dtype)
+    return np.clip(np.rint(batch), limits.min, limits.max).astype(dtype)
+
+
 def fit_preprocess_to_model(preprocess: Preprocess,
                             input_shape: Sequence[int | None]) -> Preprocess:
     """Take the image size and channel count from the model's input where they are fixed."""
@@ -966,6 +982,8 @@ def explain_images(model, sources, out_dir, *, preprocess: Preprocess, method=No
     classes = class_names(model, getattr(explainer, "num_classes", None))
     batch_size = min(batch_size, explainer.batch_size)  # the Explainer fits it to the budget
     preprocess = fit_preprocess_to_model(preprocess, explainer.input_shape)
+    if explainer.integer_pixels:
+        preprocess = pixel_preprocess(preprocess)
     settings = job_settings(model, spec=explainer.spec, input_name=input_name,
                             output_name=output_name, target=target, preprocess=preprocess,
                             fmt=fmt)
@@ -1030,7 +1048,10 @@ def _explain_groups(explainer, loaded: list, target) -> list[tuple]:
         groups.setdefault(array.shape, []).append((index, item, array, display))
     out = []
     for members in groups.values():
-        result = explainer.explain(np.stack([m[2] for m in members]), target)
+        batch = np.stack([m[2] for m in members])
+        if getattr(explainer, "integer_pixels", False):
+            batch = as_integer_pixels(batch, explainer.input_dtype)
+        result = explainer.explain(batch, target)
         for i, (index, item, _, display) in enumerate(members):
             out.append((index, item, display, result.attribution[i], result.logits[i],
                         int(result.target[i]),

@@ -28,7 +28,7 @@ import numpy as np
 
 from .batch import (FORMATS, Item, Job, OutputDir, ResultWriter, Summary, _explain_groups,
                     check_max_pixels, fit_preprocess_to_model, job_settings, load_item,
-                    parse_bytes, sidecar)
+                    parse_bytes, pixel_preprocess, sidecar)
 from .errors import RectonnxError, require
 from .images import DEFAULT_MAX_PIXELS, DecodeBudget, Preprocess, iter_image_paths
 
@@ -222,6 +222,8 @@ def explain_images_ray(model, sources, out_dir, *, preprocess: Preprocess, metho
     probe.check_target(target, 1)  # clear errors here, before any actor starts
     batch_size = min(batch_size, probe.batch_size)  # fitted to the memory budget
     preprocess = fit_preprocess_to_model(preprocess, probe.input_shape)
+    if probe.integer_pixels:
+        preprocess = pixel_preprocess(preprocess)
     spec, method = probe.spec, probe.method
     del probe
     settings = job_settings(model, spec=spec, input_name=input_name, output_name=output_name,

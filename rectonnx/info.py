@@ -44,6 +44,10 @@ def attribution_lines(proto: onnx.ModelProto, norm, chosen_by_user: bool = False
                 f"float table [{dims}] (the first Gather whose indices depend on the ids' "
                 "values), and reduced over the embedding dimension to [N, T] (option "
                 "token_reduction: norm for gradients, sum for gradient x input)")
+        elif name == norm.input_name and norm.pixel_cast is not None:
+            lines.append(f"  {name}: integer pixels ({how}): the model casts them to float, so "
+                         f"the attribution is taken at that Cast's output {norm.pixel_cast!r} "
+                         "(the input's shape; the Explainer takes the integer values)")
         elif name == norm.input_name:
             lines.append(f"  {name}: every value ({how}): a float input, so the attribution "
                          "has its shape (pixels for an image)")

@@ -79,6 +79,9 @@ class NormalizedModel:
     # differentiable root: ``active``/``path_nodes`` start there), and that Gather's node
     embedding: str | None = None
     embedding_node: str | None = None
+    # integer pixels (uint8 images) cast to float inside the model: that Cast's output (the
+    # differentiable root; the attribution has the input's shape)
+    pixel_cast: str | None = None
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -750,16 +753,20 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
 
     proto = infer_shapes(proto)
     shapes, types = shape_table(proto)
-    embedding = None
+    embedding = pixel_cast = None
     if types.get(input_name) in INTEGER_TYPES:
         embedding = embedding_gather(proto.graph, input_name)
-    if types.get(input_name) != TensorProto.FLOAT and embedding is None:
+        if embedding is None:
+            pixel_cast = float_cast(proto.graph, input_name)
+    if types.get(input_name) != TensorProto.FLOAT and embedding is None and pixel_cast is None:
         raise InvalidModelError(
             f"input {input_name!r} has element type "
             f"{TensorProto.DataType.Name(types.get(input_name, 0))}; rectonnx explains float32 "
-            "inputs (export the model with a float input and do the uint8 scaling in front), "
-            "or integer token ids that index a constant float embedding table (Gather)")
-    root = input_name if embedding is None else embedding.output[0]
+            "inputs, integer pixels that a Cast turns into floats first (attributed at the "
+            "Cast's output), and integer token ids that index a constant float embedding "
+            "table (Gather)")
+    root = embedding.output[0] if embedding is not None else \
+        pixel_cast.output[0] if pixel_cast is not None else input_name
     logits_shape = shapes.get(logits)
     if logits_shape is not None and len(logits_shape) == 4 and tuple(logits_shape[2:]) == (1, 1):
         flat = logits + "/flat"
@@ -799,7 +806,8 @@ def normalize(model, *, input_name: str | None = None, output_name: str | None =
     path = fuse_composites(proto.graph, path, constants)
     return NormalizedModel(proto, input_name, logits, shapes, types, constants, active, path,
                            upcast, embedding=None if embedding is None else root,
-                           embedding_node=None if embedding is None else embedding.name)
+                           embedding_node=None if embedding is None else embedding.name,
+                           pixel_cast=None if pixel_cast is None else root)
 
 
 def _active_from(graph: onnx.GraphProto, root: str, logits: str,
@@ -845,6 +853,16 @@ def embedding_gather(graph: onnx.GraphProto, input_name: str) -> onnx.NodeProto 
                 and all(a.i == 0 for a in node.attribute if a.name == "axis"):
             return node
     return None
+
+
+def float_cast(graph: onnx.GraphProto, input_name: str) -> onnx.NodeProto | None:
+    """The Cast that turns integer input ``input_name`` (uint8 pixels) into floats, when it is
+    the only node that reads the input's values (Shape and Size read only its shape)."""
+    readers = consumers(graph).get(input_name, [])
+    casts = [n for n in readers if n.op_type == "Cast" and any(
+        a.name == "to" and a.i in FLOAT_TYPES for a in n.attribute)]
+    others = [n for n in readers if n not in casts and n.op_type not in ("Shape", "Size")]
+    return casts[0] if len(casts) == 1 and not others else None
 
 
 def token_input(graph: onnx.GraphProto, data_inputs: list[str]) -> str | None:

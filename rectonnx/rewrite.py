@@ -11,7 +11,8 @@ the graph also returns the gradient reaching every activation's output, ``attrib
 (the paper's Figure 6), and the attribution can be thresholded at a percentile (Sec. 5.2).
 A token model (integer ids) is attributed at its embedding output and per token, ``[N, T]``
 (option ``token_reduction``); its other inputs (attention mask) stay graph inputs
-(docs/maths.md, 'Token models').
+(docs/maths.md, 'Token models'). Integer pixels that the model casts to float are attributed
+at that Cast's output (docs/maths.md, 'Integer pixels').
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def rewrite(model, method: "str | ExplanationSpec" = "rectgrad", *,
     explainer, computes_in = in_precision(explainer, proto, source_names[0], norm.upcast_from,
                                           settings["precision"])
     stamp(explainer, spec, source_sha256=fingerprint, input_name=source_names[0],
-          output_name=source_names[1], upcast_from=norm.upcast_from, computes_in=computes_in)
+          output_name=source_names[1], upcast_from=norm.upcast_from, computes_in=computes_in,
+          input_kind="pixels" if norm.pixel_cast is not None else None)
     for message in ctx.warnings:
         warnings.warn(VanishingMapWarning(message), stacklevel=2)
     return explainer
@@ -175,6 +177,8 @@ def _stop_at(norm: NormalizedModel, method) -> str | None:
                           "grad_input or rectgrad (per token)")
     if norm.embedding is not None and not method.cam and method.wrt is None:
         return norm.embedding
+    if norm.pixel_cast is not None and not method.cam and method.wrt in (None, norm.input_name):
+        return norm.pixel_cast  # integer pixels: their float values
     if not method.cam and method.wrt is None:
         return None
     option = "layer" if method.cam else "wrt"

@@ -326,8 +326,11 @@ class Explainer:
         self.input_name = data_input.name
         self._input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
             data_input.type.tensor_type.elem_type)
-        # a token model's graph takes integer ids (attributed at their embedding)
-        self.token_input = self._input_dtype.kind in "iu"
+        # integer input: pixels cast to float inside the model (uint8 images), or a token
+        # model's ids (attributed at their embedding)
+        self.integer_pixels = self._input_dtype.kind in "iu" and made is not None and \
+            made.input_kind == "pixels"
+        self.token_input = self._input_dtype.kind in "iu" and not self.integer_pixels
         # the model's other inputs (a token model's attention mask, token type ids): one row
         # per sample, given to explain() by name
         self.other_inputs = {
@@ -352,11 +355,19 @@ class Explainer:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The numpy type of the graph's data input (float32; float16 for a float16 model
+        computed in float16; an integer type for token ids or integer pixels)."""
+        return self._input_dtype
+
     # -- checks ---------------------------------------------------------------------------------
     def check_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
         if getattr(self, "token_input", False):
             return self._check_ids(x)
+        if getattr(self, "integer_pixels", False):
+            return self._check_shape(self._check_pixels(x))
         if x.dtype.kind in "iub":
             raise InputError(f"the batch has integer dtype {x.dtype}; the model takes float32 "
                              "values: scale/normalise the pixels first (see rectonnx.images)")
@@ -364,7 +375,36 @@ class Explainer:
             raise InputError(f"the batch has dtype {x.dtype}; expected float32")
         # the graph's own input type: float32, or float16 for a float16 model computed in
         # float16 (precision="model", precision.py)
-        given, x = x, x.astype(getattr(self, "_input_dtype", np.float32), copy=False)
+        given, x = x, self._check_shape(x.astype(getattr(self, "_input_dtype", np.float32),
+                                                 copy=False))
+        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # NaN propagates
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=tuple(range(1, x.ndim))))[:10]
+            if x.dtype == np.float16 and np.isfinite(given[bad]).all():
+                raise InputError(
+                    f"samples {bad.tolist()} hold values beyond float16's range (|x| <= 65504): "
+                    "this explainer computes in float16 as the float16 model does; scale the "
+                    "input as the model expects, or explain in float32 (precision='fp32')")
+            raise InputError(f"samples {bad.tolist()} contain NaN or Inf")
+        return x
+
+    def _check_pixels(self, x: np.ndarray) -> np.ndarray:
+        """Integer pixels (a model that casts its integer input to float): integers within the
+        input type's range, in that type."""
+        dtype = self._input_dtype
+        if x.dtype.kind not in "iu":
+            limits = np.iinfo(dtype)
+            raise InputError(f"the batch has dtype {x.dtype}; this model takes integer pixel "
+                             f"values ({dtype.name}, {limits.min}..{limits.max}) and casts them "
+                             "to float itself: pass the image's integer values (rectonnx "
+                             "explain does this from image files)")
+        limits = np.iinfo(dtype)
+        if x.size and (x.min() < limits.min or x.max() > limits.max):
+            raise InputError(f"the batch holds values outside {dtype.name}'s range "
+                             f"{limits.min}..{limits.max}")
+        return x.astype(dtype, copy=False)
+
+    def _check_shape(self, x: np.ndarray) -> np.ndarray:
+        """The batch against the input's shape (a single sample is a clear error)."""
         expected = self.input_shape
         if len(expected) == x.ndim + 1 and all(
                 e is None or e == s for e, s in zip(expected[1:], x.shape)):
@@ -374,14 +414,6 @@ class Explainer:
                                           for e, s in zip(expected[1:], x.shape[1:])):
             raise InputError(f"the batch has shape {list(x.shape)}; the model expects "
                              f"{_shape_text(expected)} (N = batch)")
-        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # NaN propagates
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=tuple(range(1, x.ndim))))[:10]
-            if x.dtype == np.float16 and np.isfinite(given[bad]).all():
-                raise InputError(
-                    f"samples {bad.tolist()} hold values beyond float16's range (|x| <= 65504): "
-                    "this explainer computes in float16 as the float16 model does; scale the "
-                    "input as the model expects, or explain in float32 (precision='fp32')")
-            raise InputError(f"samples {bad.tolist()} contain NaN or Inf")
         return np.ascontiguousarray(x)
 
     def _check_ids(self, x: np.ndarray) -> np.ndarray:

@@ -137,15 +137,25 @@ def test_unsupported_ops_are_named_all_at_once(tmp_path):
     one_line_error(run("export-triton", path, "--repo", tmp_path / "repo"), "Sin", "Cos")
 
 
-def test_uint8_image_inputs_get_a_clear_error(models, tmp_path):
-    """A model whose input is uint8 cannot be differentiated with respect to that input:
-    rectonnx asks for the float input (scaling in front of the model is ordinary
-    preprocessing); a uint8 *batch* for a float model is refused the same way."""
-    model = parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+def test_uint8_inputs_are_explained_at_their_cast_or_refused(models, tmp_path):
+    """A uint8 input that only a Cast to float reads is explained at the Cast's output
+    (tests/test_integer_pixels.py); one read otherwise cannot be differentiated: a clear error
+    naming its type; a uint8 *batch* for a float model is refused too."""
+    cast = parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
         g (uint8[N,4] x) => (float[N,3] y) {
             f = Cast<to=1>(x)
             r = Relu(f)
             y = MatMul(r, w)
+        }''')
+    cast.graph.initializer.append(numpy_helper.from_array(np.ones((4, 3), np.float32), "w"))
+    saliency = rectonnx.Explainer(cast, "saliency").explain(np.array([[0, 1, 2, 255]],
+                                                                     np.uint8), [0])
+    np.testing.assert_array_equal(saliency.attribution, [[0, 1, 1, 1]])  # the ReLU at 0
+    model = parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+        g (uint8[N,4] x) => (float[N,3] y) {
+            s = Add(x, x)
+            f = Cast<to=1>(s)
+            y = MatMul(f, w)
         }''')
     model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 3), np.float32), "w"))
     with pytest.raises(InvalidModelError, match="UINT8; rectonnx explains float32 inputs"):

@@ -401,7 +401,7 @@ def test_convolutions_with_symbolic_image_sizes():
 def test_non_float_input_is_rejected():
     text = ('<ir_version: 8, opset_import: ["" : 17]>\n'
             "u8 (uint8[N,4] x) => (float[N,2] scores) {\n"
-            "  f = Cast <to = 1> (x)\n  scores = MatMul(f, w)\n}")
+            "  d = Mul(x, x)\n  f = Cast <to = 1> (d)\n  scores = MatMul(f, w)\n}")
     model = parse(text, {"w": np.ones((4, 2), np.float32)})
     with pytest.raises(InvalidModelError, match="float32"):
         rectonnx.rewrite(model, "saliency")

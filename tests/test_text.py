@@ -303,7 +303,9 @@ def test_maps_at_the_input_size_are_refused_for_token_ids(encoder):
         rectonnx.rewrite(encoder[1], "gradcam")
 
 
-def test_integer_inputs_without_an_embedding_are_still_refused():
+def test_integer_inputs_without_an_embedding_are_their_values():
+    """An integer input that only a Cast to float reads (no embedding table) is attributed at
+    the Cast's output, as numbers (tests/test_integer_pixels.py); read otherwise, refused."""
     from onnx import parser
 
     model = parser.parse_model("""
@@ -313,8 +315,16 @@ def test_integer_inputs_without_an_embedding_are_still_refused():
             w = Constant<value = float[4,3] {1,2,3,4,5,6,7,8,9,10,11,12}>()
             y = MatMul(f, w)
         }""")
+    saliency = run(model, "saliency", np.array([[1, 2, 3, 4]]), np.array([2]))
+    np.testing.assert_array_equal(saliency, [[3, 6, 9, 12]])  # column 2 of w
+    mixed = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N,4] x) => (float[N,4] y) {
+            s = Mul(x, x)
+            y = Cast<to = 1>(s)
+        }""")
     with pytest.raises(rectonnx.InvalidModelError, match="INT64; rectonnx explains float32"):
-        rectonnx.rewrite(model, "saliency")
+        rectonnx.rewrite(mixed, "saliency")
 
 
 def _tokenizer(tmp_path, sentences):

@@ -36,32 +36,22 @@ def _rectified(y, upstream, q, inside=None):
     return (upstream.reshape_as(scores) * keep).reshape_as(upstream)
 
 
-class _GatedReLU(torch.autograd.Function):
+class _GatedClip(torch.autograd.Function):
+    """``y = clamp(z, 0, high)`` (ReLU: ``high = None``; ReLU6: 6) with RectGrad's gate in the
+    backward pass (and ReLU6's own derivative mask ``0 < y < 6``)."""
+
     @staticmethod
-    def forward(ctx, z, q):
-        y = torch.relu(z)
+    def forward(ctx, z, q, high):
+        y = torch.clamp(z, 0.0, high)
         ctx.save_for_backward(y)
-        ctx.q = q
+        ctx.q, ctx.high = q, high
         return y
 
     @staticmethod
     def backward(ctx, upstream):
         (y,) = ctx.saved_tensors
-        return _rectified(y, upstream, ctx.q), None
-
-
-class _GatedReLU6(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, q):
-        y = torch.clamp(z, 0.0, 6.0)
-        ctx.save_for_backward(y)
-        ctx.q = q
-        return y
-
-    @staticmethod
-    def backward(ctx, upstream):
-        (y,) = ctx.saved_tensors
-        return _rectified(y, upstream, ctx.q, (y > 0.0) & (y < 6.0)), None  # ReLU6's mask
+        inside = None if ctx.high is None else (y > 0.0) & (y < ctx.high)
+        return _rectified(y, upstream, ctx.q, inside), None, None
 
 
 class _RectReLU(nn.Module):
@@ -70,12 +60,12 @@ class _RectReLU(nn.Module):
         self.q = q
 
     def forward(self, z):
-        return _GatedReLU.apply(z, self.q)
+        return _GatedClip.apply(z, self.q, None)
 
 
 class _RectReLU6(_RectReLU):
     def forward(self, z):
-        return _GatedReLU6.apply(z, self.q)
+        return _GatedClip.apply(z, self.q, 6.0)
 
 
 def _swap_relus(module: nn.Module, q: float) -> nn.Module:

@@ -40,8 +40,9 @@ def shipped_batch(model: Path, pattern: str) -> np.ndarray:
     return np.stack([load_image(path, preprocess)[0] for path in files])
 
 
-def quantize(model: Path, batch: np.ndarray, out: Path) -> Path:
-    """``quantize_static`` in QDQ format, calibrated on ``batch`` one image at a time."""
+def quantize(model: Path, batch: np.ndarray, target: Path, fmt: str = "QDQ") -> Path:
+    """``quantize_static`` into ``target`` in format ``fmt`` ("QDQ" or "QOperator"; int8,
+    per-channel weights), calibrated on ``batch`` one image at a time."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
@@ -55,10 +56,11 @@ def quantize(model: Path, batch: np.ndarray, out: Path) -> Path:
         def get_next(self):
             return next(self.feeds, None)
 
-    target = out / f"{model.stem}_qdq.onnx"
-    quantize_static(str(model), str(target), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(model), str(target), Reader(), quant_format=QuantFormat[fmt],
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
     return target
 
 
@@ -81,7 +83,7 @@ def top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.05) -> float:
 
 def compare(model: Path, pattern: str, out: Path) -> list[dict]:
     batch = shipped_batch(model, pattern)
-    quantized = quantize(model, batch, out)
+    quantized = quantize(model, batch, out / f"{model.stem}_qdq.onnx")
     rows = []
     for method in METHODS:
         float_logits, float_maps = run(rectonnx.rewrite(model, method), batch)

@@ -11,8 +11,7 @@
 
 from __future__ import annotations
 
-import glob
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from helpers import assert_close, make_model, run_explainer, session
 import rectonnx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quantized import quantize, shipped_batch  # noqa: E402  (benchmarks/quantized.py)
 S0, S1 = 0.05, 0.04  # input quantizer (zero point 0), hidden quantizer (zero point -128: a ReLU)
 
 
@@ -80,36 +81,8 @@ def test_qdq_saliency_and_rectgrad_equal_torch_fake_quantize(rng):
 
 
 def digits_batch():
-    from rectonnx.batch import preprocess_for
-    from rectonnx.images import load_image
-
     model = ROOT / "models" / "paper_cnn_digits.onnx"
-    preprocess = preprocess_for(model)
-    files = sorted(glob.glob(str(ROOT / "models" / "images" / "digits_*.png")))
-    return model, np.stack([load_image(path, preprocess)[0] for path in files])
-
-
-def quantize(model, batch, target, fmt: str):
-    """``quantize_static`` (int8, per-channel weights) in format ``fmt`` ("QDQ" or
-    "QOperator"), calibrated on ``batch`` one image at a time."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-
-    name = onnx.load(str(model)).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{name: batch[i:i + 1]} for i in range(len(batch))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_static(str(model), str(target), Reader(), quant_format=QuantFormat[fmt],
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=True)
-    return target
+    return model, shipped_batch(model, "digits_*.png")
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +172,8 @@ def test_qoperator_efficientnet_with_its_adds_and_pooling(tmp_path):
     """EfficientNet-Lite0 in QOperator format adds QLinearAdd and QLinearGlobalAveragePool
     (com.microsoft): the predictions of onnxruntime's integer kernels (whose requantization
     rounds differently: logits within 3 % of their range) and a finite RectGrad map."""
-    from rectonnx.batch import preprocess_for
-    from rectonnx.images import load_image
-
     model = ROOT / "models" / "efficientnet_lite0.onnx"
-    preprocess = preprocess_for(model)
-    files = sorted(glob.glob(str(ROOT / "models" / "images" / "*.jpg")))
-    batch = np.stack([load_image(path, preprocess)[0] for path in files])
+    batch = shipped_batch(model, "*.jpg")
     qop = quantize(model, batch, tmp_path / "lite0_qop.onnx", "QOperator")
     ops = {n.op_type for n in onnx.load(str(qop)).graph.node}
     assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearConv"} <= ops

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from onnx import helper
+
 from .builder import GraphBuilder
 from .normalize import NormalizedModel
 
@@ -132,8 +134,6 @@ def channels_last(norm: NormalizedModel, tensor: str) -> bool:
     channels-first. A graph input read by none of those is channels-last when its last axis
     has 1, 3 or 4 entries and its second does not (an image ``[N, H, W, 3]``). Otherwise
     channels-first."""
-    from onnx import helper
-
     for node in norm.graph.node:
         if tensor not in node.input:
             continue

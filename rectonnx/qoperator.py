@@ -141,7 +141,7 @@ class _Rewriter:
             self.quantize(self.emit("MatMul", [a, b], name=base), node.output[0], ins[6],
                           ins[7])
         elif op == "QGemm":
-            if abs(attributes.get("alpha", 1.0) - 1.0) > 0:
+            if attributes.get("alpha", 1.0) != 1.0:
                 raise UnsupportedModelError(f"QGemm node {base!r} has alpha != 1",
                                             [(op, node.name)])
             a = self.dequantized(ins[0], ins[1], ins[2], base)
@@ -169,14 +169,12 @@ class _Rewriter:
             y = self.emit("Concat", inputs, name=base, **attributes)
             self.quantize(y, node.output[0], ins[0], ins[1])
         elif op in COMMUTING_OPS and ins and ins[0] in self.quantized:
-            scale, zero = self.quantized[ins[0]]
-            x = self.dequantized(ins[0], scale, zero, base)
-            outputs = [self.fresh(f"{node.output[0]}/float")] + \
-                [""] * (len(node.output) - 1)  # MaxPool's Indices are not used here
-            if any(node.output[1:]):
+            if any(node.output[1:]):  # MaxPool's Indices
                 raise UnsupportedModelError(f"{op} node {base!r} on integers with several "
                                             "outputs", [(op, node.name)])
-            y = self.emit(op, [x, *ins[1:]], outputs[:1], name=base, **attributes)
+            scale, zero = self.quantized[ins[0]]
+            x = self.dequantized(ins[0], scale, zero, base)
+            y = self.emit(op, [x, *ins[1:]], name=f"{node.output[0]}/float", **attributes)
             self.quantize(y, node.output[0], scale, zero)
         else:
             self.nodes.append(node)
